@@ -1,0 +1,60 @@
+"""WebSocket authentication: a simplejwt access token (`?token=`), else the session cookie.
+
+The session cookie is honoured only from a page of our own origin: a page elsewhere could
+otherwise open a socket as the signed-in user (cross-site WebSocket hijacking).
+"""
+
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from channels.db import database_sync_to_async
+from channels.middleware import BaseMiddleware
+from django.conf import settings
+from django.contrib.auth.models import AnonymousUser
+from django.http.request import validate_host
+from rest_framework_simplejwt.authentication import JWTAuthentication
+from rest_framework_simplejwt.exceptions import AuthenticationFailed, InvalidToken, TokenError
+
+
+@database_sync_to_async
+def user_from_token(raw_token: str) -> Any:
+    auth = JWTAuthentication()
+    try:
+        return auth.get_user(auth.get_validated_token(raw_token.encode()))
+    except (InvalidToken, TokenError, AuthenticationFailed):
+        return AnonymousUser()
+
+
+def _header(scope: dict[str, Any], name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def origin_is_trusted(scope: dict[str, Any]) -> bool:
+    origin = _header(scope, b"origin")
+    if origin is None:
+        return False  # browsers always send Origin on WebSockets; others must use a token
+    origin_host = urlsplit(origin).netloc
+    host = _header(scope, b"host")
+    if host is not None and origin_host == host:
+        return True
+    trusted = [urlsplit(o).netloc for o in settings.CSRF_TRUSTED_ORIGINS]
+    return origin_host in trusted or validate_host(
+        origin_host.split(":")[0], settings.ALLOWED_HOSTS
+    )
+
+
+class TokenAuthMiddleware(BaseMiddleware):
+    """Runs inside AuthMiddlewareStack: replaces the session user when a token is given, and
+    drops it when the socket comes from another origin."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        tokens = query.get("token")
+        if tokens:
+            scope = {**scope, "user": await user_from_token(tokens[0])}
+        elif not origin_is_trusted(scope):
+            scope = {**scope, "user": AnonymousUser()}
+        return await super().__call__(scope, receive, send)

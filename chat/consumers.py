@@ -1,0 +1,301 @@
+"""The chat WebSocket (contract: docs/websocket.md). Thin: it validates frames, calls the
+services, and relays the frames of replies to the browser in seq order."""
+
+import asyncio
+import json
+import logging
+import uuid
+from collections import deque
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
+from django.db import DatabaseError
+from redis.exceptions import RedisError
+
+from chat import services
+from chat.models import Conversation, Message
+from llmworker.jobs import Job
+from llmworker.queue import job_enqueue
+from llmworker.replies import reply_hub_get, reply_replay
+
+logger = logging.getLogger(__name__)
+
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_FORBIDDEN = 4403
+CLOSE_NOT_FOUND = 4404
+CLOSE_TRY_AGAIN_LATER = 1013
+
+# Redis or PostgreSQL failing: the user is told to retry, the socket stays open.
+UNAVAILABLE_ERRORS = (RedisError, OSError, DatabaseError, asyncio.TimeoutError)
+REDIS_CALL_TIMEOUT = 5.0
+
+conversation_get_for_user = database_sync_to_async(services.conversation_get_for_user)
+conversation_active_job = database_sync_to_async(services.conversation_active_job)
+message_send = database_sync_to_async(services.message_send)
+message_retract = database_sync_to_async(services.message_retract)
+reply_for_job = database_sync_to_async(services.reply_for_job)
+
+
+def _uuid_or_none(value: object) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        return None
+
+
+class ChatConsumer(AsyncJsonWebsocketConsumer):
+    conversation: Conversation | None = None
+
+    async def connect(self) -> None:
+        self.seen_seq: dict[str, int] = {}
+        self.finished_jobs: set[str] = set()
+        self.inbox: deque[tuple[Any, ...]] = deque()
+        self.inbox_drainer: asyncio.Task[None] | None = None
+        if not self.scope["user"].is_authenticated:
+            return await self._refuse(CLOSE_UNAUTHENTICATED)
+        conversation_id = _uuid_or_none(self.scope["url_route"]["kwargs"]["conversation_id"])
+        try:
+            conversation = conversation_id and await conversation_get_for_user(
+                conversation_id=conversation_id, user=self.scope["user"]
+            )
+            if not conversation:
+                return await self._refuse(CLOSE_NOT_FOUND)
+            await self._follow(conversation)
+            active_job_id = await conversation_active_job(conversation_id=conversation.id)
+        except UNAVAILABLE_ERRORS:
+            logger.exception("socket refused: a dependency is down")
+            return await self._refuse(CLOSE_TRY_AGAIN_LATER)
+        await self.accept()
+        await self.send_json(
+            {
+                "type": "hello",
+                "conversation_id": str(conversation.id),
+                "active_job_id": active_job_id,
+            }
+        )
+
+    async def _refuse(self, code: int) -> None:
+        # A close code of our own can only be sent on an accepted socket.
+        await self.accept()
+        await self.close(code)
+
+    async def _follow(self, conversation: Conversation) -> None:
+        self.conversation = conversation
+        await asyncio.wait_for(
+            reply_hub_get().join(conversation_id=str(conversation.id), listener=self),
+            REDIS_CALL_TIMEOUT,
+        )
+        await self.channel_layer.group_add(self._group, self.channel_name)
+
+    @property
+    def _group(self) -> str:
+        assert self.conversation is not None
+        return f"conversation.{self.conversation.id}"
+
+    async def disconnect(self, code: int) -> None:
+        if self.conversation is None:
+            return
+        try:
+            await reply_hub_get().leave(conversation_id=str(self.conversation.id), listener=self)
+            await self.channel_layer.group_discard(self._group, self.channel_name)
+        except UNAVAILABLE_ERRORS:
+            pass  # the group membership expires by itself
+        if self.inbox_drainer is not None:
+            self.inbox_drainer.cancel()
+
+    # Client → server
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if text_data is None:
+            return await self._error("invalid", "Frames must be JSON text, not binary.")
+        try:
+            frame = json.loads(text_data)
+        except ValueError:
+            return await self._error("invalid", "The frame is not valid JSON.")
+        if not isinstance(frame, dict):
+            return await self._error("invalid", "The frame must be a JSON object.")
+        handler = self.frame_handlers.get(frame.get("type"))  # type: ignore[arg-type]
+        if handler is None:
+            return await self._error("invalid", f"Unknown frame type {frame.get('type')!r}.")
+        await handler(self, frame)
+
+    async def _on_ping(self, frame: dict[str, Any]) -> None:
+        await self.send_json({"type": "pong"})
+
+    async def _on_message(self, frame: dict[str, Any]) -> None:
+        content = frame.get("content")
+        if not isinstance(content, str) or not content.strip():
+            return await self._error("invalid", "A message needs non-empty text content.")
+        if len(content) > settings.CHAT_MAX_MESSAGE_CHARS:
+            return await self._error(
+                "too_long", f"Messages are limited to {settings.CHAT_MAX_MESSAGE_CHARS} characters."
+            )
+        client_msg_id = frame.get("client_msg_id")
+        if client_msg_id is not None and not (
+            isinstance(client_msg_id, str) and 0 < len(client_msg_id) <= 64
+        ):
+            return await self._error(
+                "invalid", "client_msg_id must be a string of 1-64 characters."
+            )
+        await self._send_message(content=content, client_msg_id=client_msg_id)
+
+    async def _send_message(self, *, content: str, client_msg_id: str | None) -> None:
+        try:
+            sent = await message_send(
+                conversation=self.conversation, content=content, client_msg_id=client_msg_id
+            )
+        except services.ConversationBusy:
+            return await self._error("busy", "A reply is still being generated; wait or cancel it.")
+        except DatabaseError:
+            logger.exception("message refused: database error")
+            return await self._unavailable()
+        job_id = str(sent.reply.job_id)
+        self.seen_seq.setdefault(job_id, 0)
+        if sent.created and not await self._enqueue(sent):
+            return await self._unavailable()
+        queued = {
+            "type": "queued",
+            "job_id": job_id,
+            "message_id": str(sent.message.id),
+            "reply_id": str(sent.reply.id),
+        }
+        await self.send_json(queued)
+        if sent.created:
+            await self._tell_other_tabs(queued, content)
+
+    async def _enqueue(self, sent: services.SentMessage) -> bool:
+        job = Job(
+            job_id=str(sent.reply.job_id),
+            reply_id=str(sent.reply.id),
+            conversation_id=str(sent.reply.conversation_id),
+        )
+        try:
+            await asyncio.wait_for(job_enqueue(job=job), REDIS_CALL_TIMEOUT)
+            return True
+        except UNAVAILABLE_ERRORS:
+            logger.exception("job %s not queued: Redis error", job.job_id)
+            await message_retract(sent=sent)
+            return False
+
+    async def _tell_other_tabs(self, queued: dict[str, str], content: str) -> None:
+        event = {
+            **queued,
+            "type": "chat.user_message",
+            "content": content,
+            "sender": self.channel_name,
+        }
+        try:
+            await self.channel_layer.group_send(self._group, event)
+        except UNAVAILABLE_ERRORS:
+            logger.warning("could not tell other tabs of message %s", queued["message_id"])
+
+    async def _on_resume(self, frame: dict[str, Any]) -> None:
+        job_id = _uuid_or_none(frame.get("job_id"))
+        after = frame.get("after", 0)
+        if job_id is None or not isinstance(after, int) or isinstance(after, bool) or after < 0:
+            return await self._error("invalid", "resume needs a job_id and a seq 'after' >= 0.")
+        reply = await reply_for_job(job_id=job_id, conversation_id=self.conversation.id)
+        if reply is None:
+            return await self._error("invalid", "No such reply in this conversation.")
+        self._inbox_put("resume", reply, after)
+
+    frame_handlers = {"ping": _on_ping, "message": _on_message, "resume": _on_resume}
+
+    async def _error(self, code: str, message: str, **extra: Any) -> None:
+        await self.send_json({"type": "error", "code": code, "message": message, **extra})
+
+    async def _unavailable(self) -> None:
+        await self._error("unavailable", "Server busy, please retry your request.")
+
+    # Server → client: frames of other tabs' messages (Channels layer)
+
+    async def chat_user_message(self, event: dict[str, Any]) -> None:
+        if event["sender"] == self.channel_name:
+            return
+        frame = {k: v for k, v in event.items() if k not in ("type", "sender")}
+        self.seen_seq.setdefault(frame["job_id"], 0)
+        await self.send_json({"type": "user_message", **frame})
+
+    # Server → client: frames of replies (ReplyHub), delivered in seq order by one task
+
+    def reply_frame_received(self, frame: dict[str, Any], raw: str) -> None:
+        self._inbox_put("frame", frame, raw)
+
+    def reply_frames_maybe_missed(self) -> None:
+        self._inbox_put("catch_up")
+
+    def _inbox_put(self, *item: Any) -> None:
+        self.inbox.append(item)
+        if self.inbox_drainer is None or self.inbox_drainer.done():
+            self.inbox_drainer = asyncio.create_task(self._drain_inbox())
+
+    async def _drain_inbox(self) -> None:
+        while self.inbox:
+            kind, *args = self.inbox.popleft()
+            try:
+                if kind == "frame":
+                    await self._relay(*args)
+                elif kind == "resume":
+                    await self._resume(*args)
+                else:
+                    await self._catch_up()
+            except UNAVAILABLE_ERRORS:
+                logger.warning("could not replay reply frames; the client may resume later")
+
+    async def _relay(self, frame: dict[str, Any], raw: str) -> None:
+        job_id, seq = frame["job_id"], frame["seq"]
+        seen = self.seen_seq.get(job_id, 0)
+        if seq > seen + 1:
+            # Frames this socket never got (it joined mid-reply, or pub/sub dropped some):
+            # the replay log has them, in order.
+            seen = await self._replay(job_id, after=seen)
+        if seq > seen:
+            await self.send(text_data=raw)
+            self._mark_seen(job_id, seq, frame["type"])
+
+    async def _replay(self, job_id: str, *, after: int) -> int:
+        for raw in await reply_replay(job_id=job_id, after=after):
+            after += 1
+            await self.send(text_data=raw)
+            self._mark_seen(job_id, after, json.loads(raw)["type"])
+        return after
+
+    def _mark_seen(self, job_id: str, seq: int, kind: str) -> None:
+        self.seen_seq[job_id] = seq
+        if kind in ("done", "error"):
+            self.finished_jobs.add(job_id)
+
+    async def _resume(self, reply: Message, after: int) -> None:
+        job_id = str(reply.job_id)
+        seen = max(after, self.seen_seq.get(job_id, 0))
+        self.seen_seq[job_id] = seen
+        if job_id in self.finished_jobs:
+            return
+        await self._replay(job_id, after=seen)
+        if job_id not in self.finished_jobs and reply.status not in Message.ACTIVE_STATUSES:
+            await self._send_finished_from_database(reply)
+
+    async def _send_finished_from_database(self, reply: Message) -> None:
+        # The replay log has expired: the database has the whole answer.
+        self.finished_jobs.add(str(reply.job_id))
+        if reply.status == Message.Status.FAILED:
+            return await self._error("llm_error", reply.error, job_id=str(reply.job_id))
+        await self.send_json(
+            {
+                "type": "done",
+                "job_id": str(reply.job_id),
+                "reply_id": str(reply.id),
+                "status": reply.status,
+                "content": reply.content,
+                "usage": reply.usage,
+            }
+        )
+
+    async def _catch_up(self) -> None:
+        active = await conversation_active_job(conversation_id=self.conversation.id)
+        jobs = {job for job in self.seen_seq if job not in self.finished_jobs}
+        jobs.update([active] if active else [])
+        for job_id in jobs:
+            await self._replay(job_id, after=self.seen_seq.get(job_id, 0))

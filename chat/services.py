@@ -1,0 +1,208 @@
+"""The chat's business logic: plain functions the consumer, the API, the views and the worker
+call. They are synchronous (the ORM); async callers wrap them with database_sync_to_async.
+"""
+
+import uuid
+from dataclasses import dataclass
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import IntegrityError, transaction
+from django.db.models import Max
+from django.utils import timezone
+
+from chat.models import Conversation, Message
+
+
+class ConversationBusy(Exception):
+    """A reply is still queued or being generated in this conversation."""
+
+
+def conversation_create(
+    *, owner: AbstractBaseUser, title: str = "", system_prompt: str = "", model: str = ""
+) -> Conversation:
+    return Conversation.objects.create(
+        owner=owner, title=title.strip(), system_prompt=system_prompt, model=model.strip()
+    )
+
+
+def conversation_get_for_user(
+    *, conversation_id: uuid.UUID | str, user: AbstractBaseUser
+) -> Conversation | None:
+    return Conversation.objects.filter(id=conversation_id, owner=user).first()
+
+
+def conversation_active_job(*, conversation_id: uuid.UUID | str) -> str | None:
+    job_id = (
+        Message.objects.filter(
+            conversation_id=conversation_id,
+            role=Message.Role.ASSISTANT,
+            status__in=Message.ACTIVE_STATUSES,
+        )
+        .values_list("job_id", flat=True)
+        .first()
+    )
+    return str(job_id) if job_id else None
+
+
+@dataclass(frozen=True)
+class SentMessage:
+    message: Message
+    reply: Message
+    created: bool  # False when client_msg_id named a message sent before
+
+
+def message_send(
+    *, conversation: Conversation, content: str, client_msg_id: str | None = None
+) -> SentMessage:
+    """Save a user message and its queued reply. The caller enqueues the job after this
+    returns, that is after the commit, so no job ever names rows that do not exist."""
+    if client_msg_id:
+        earlier = _message_sent_before(conversation=conversation, client_msg_id=client_msg_id)
+        if earlier is not None:
+            return earlier
+    try:
+        with transaction.atomic():
+            return _message_create(
+                conversation=conversation, content=content, client_msg_id=client_msg_id
+            )
+    except IntegrityError:
+        # Another process won the race: either the same client_msg_id or another reply.
+        if client_msg_id:
+            earlier = _message_sent_before(conversation=conversation, client_msg_id=client_msg_id)
+            if earlier is not None:
+                return earlier
+        raise ConversationBusy() from None
+
+
+def _message_create(
+    *, conversation: Conversation, content: str, client_msg_id: str | None
+) -> SentMessage:
+    # The lock serialises senders on one conversation, so positions are gap-free and the
+    # "one active reply" check below is not a race (the unique constraint backs it up).
+    Conversation.objects.select_for_update().filter(id=conversation.id).first()
+    if Message.objects.filter(
+        conversation=conversation,
+        role=Message.Role.ASSISTANT,
+        status__in=Message.ACTIVE_STATUSES,
+    ).exists():
+        raise ConversationBusy()
+    last = conversation.messages.aggregate(last=Max("position"))["last"] or 0
+    message = Message.objects.create(
+        conversation=conversation,
+        position=last + 1,
+        role=Message.Role.USER,
+        content=content,
+        status=Message.Status.COMPLETE,
+        client_msg_id=client_msg_id,
+    )
+    reply = Message.objects.create(
+        conversation=conversation,
+        position=last + 2,
+        role=Message.Role.ASSISTANT,
+        status=Message.Status.QUEUED,
+        job_id=uuid.uuid4(),
+    )
+    Conversation.objects.filter(id=conversation.id).update(updated_at=timezone.now())
+    return SentMessage(message=message, reply=reply, created=True)
+
+
+def _message_sent_before(*, conversation: Conversation, client_msg_id: str) -> SentMessage | None:
+    message = Message.objects.filter(conversation=conversation, client_msg_id=client_msg_id).first()
+    if message is None:
+        return None
+    reply = Message.objects.get(conversation=conversation, position=message.position + 1)
+    return SentMessage(message=message, reply=reply, created=False)
+
+
+def message_retract(*, sent: SentMessage) -> None:
+    """Undo message_send when its job could not be queued: the user was told nothing was
+    accepted, so nothing is kept."""
+    Message.objects.filter(id__in=[sent.message.id, sent.reply.id]).delete()
+
+
+def reply_for_job(*, job_id: uuid.UUID | str, conversation_id: uuid.UUID | str) -> Message | None:
+    return Message.objects.filter(job_id=job_id, conversation_id=conversation_id).first()
+
+
+@dataclass(frozen=True)
+class ReplyStart:
+    attempt: int
+    model: str
+    prompt: list[dict[str, str]]
+
+
+def reply_start(*, reply_id: uuid.UUID | str, default_model: str) -> ReplyStart | None:
+    """Begin a delivery attempt of a reply. None when the reply is already finished (a
+    redelivered job) or gone. The attempt number fences out writes of older attempts."""
+    with transaction.atomic():
+        reply = (
+            Message.objects.select_for_update()
+            .select_related("conversation")
+            .filter(id=reply_id, status__in=Message.ACTIVE_STATUSES)
+            .first()
+        )
+        if reply is None:
+            return None
+        reply.attempt += 1
+        reply.status = Message.Status.STREAMING
+        reply.model = reply.conversation.model or default_model
+        reply.save(update_fields=["attempt", "status", "model", "updated_at"])
+    return ReplyStart(attempt=reply.attempt, model=reply.model, prompt=reply_prompt(reply=reply))
+
+
+def reply_prompt(*, reply: Message) -> list[dict[str, str]]:
+    """The chat-completions messages for a reply: system prompt, then the earlier turns."""
+    prompt = []
+    if reply.conversation.system_prompt:
+        prompt.append({"role": "system", "content": reply.conversation.system_prompt})
+    earlier = (
+        Message.objects.filter(conversation_id=reply.conversation_id, position__lt=reply.position)
+        .exclude(role=Message.Role.ASSISTANT, status__in=_STATUSES_LEFT_OUT_OF_PROMPTS)
+        .order_by("position")
+        .values_list("role", "content")
+    )
+    prompt.extend({"role": role, "content": content} for role, content in earlier)
+    return prompt
+
+
+# A failed reply has no text worth sending back; a cancelled one keeps the part the user saw.
+_STATUSES_LEFT_OUT_OF_PROMPTS = (Message.Status.FAILED, Message.Status.QUEUED)
+
+
+def reply_complete(
+    *,
+    reply_id: uuid.UUID | str,
+    attempt: int,
+    content: str,
+    usage: dict[str, int] | None,
+    status: str = Message.Status.COMPLETE,
+) -> bool:
+    """Save the finished answer. False when this attempt no longer owns the reply."""
+    usage = usage or {}
+    return _reply_finish(
+        reply_id=reply_id,
+        attempt=attempt,
+        status=status,
+        content=content,
+        prompt_tokens=usage.get("prompt_tokens"),
+        completion_tokens=usage.get("completion_tokens"),
+        total_tokens=usage.get("total_tokens"),
+    )
+
+
+def reply_fail(*, reply_id: uuid.UUID | str, attempt: int, error: str, content: str = "") -> bool:
+    return _reply_finish(
+        reply_id=reply_id,
+        attempt=attempt,
+        status=Message.Status.FAILED,
+        content=content,
+        error=error,
+    )
+
+
+def _reply_finish(*, reply_id: uuid.UUID | str, attempt: int, **values: object) -> bool:
+    now = timezone.now()
+    updated = Message.objects.filter(
+        id=reply_id, attempt=attempt, status=Message.Status.STREAMING
+    ).update(finished_at=now, updated_at=now, **values)
+    return updated == 1

@@ -1,0 +1,133 @@
+"""LLM providers: where the tokens come from.
+
+`OpenAIProvider` speaks to any OpenAI-compatible server (OpenAI, vLLM, Ollama, llama.cpp);
+`DemoProvider` streams a canned reply so the service runs without an account.
+"""
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import openai
+from django.conf import settings
+
+
+@dataclass(frozen=True)
+class Chunk:
+    text: str = ""
+    usage: dict[str, int] | None = None
+
+
+class ProviderError(Exception):
+    """The provider could not produce a reply; `message` is safe to show to the user."""
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+
+
+class Provider(Protocol):
+    name: str
+
+    def stream(self, *, messages: list[dict[str, str]], model: str) -> AsyncIterator[Chunk]: ...
+
+
+def demo_mode_active() -> bool:
+    return not settings.OPENAI_API_KEY
+
+
+def model_default() -> str:
+    return settings.LLM_DEMO_MODEL if demo_mode_active() else settings.LLM_MODEL
+
+
+def provider_get() -> Provider:
+    if demo_mode_active():
+        return DemoProvider()
+    return OpenAIProvider(
+        api_key=settings.OPENAI_API_KEY,
+        base_url=settings.OPENAI_BASE_URL,
+        timeout=settings.LLM_REQUEST_TIMEOUT_SECONDS,
+    )
+
+
+class OpenAIProvider:
+    name = "openai"
+
+    def __init__(self, *, api_key: str, base_url: str | None, timeout: float) -> None:
+        self.client = openai.AsyncOpenAI(
+            api_key=api_key, base_url=base_url, timeout=timeout, max_retries=2
+        )
+
+    async def stream(self, *, messages: list[dict[str, str]], model: str) -> AsyncIterator[Chunk]:
+        try:
+            stream = await self.client.chat.completions.create(
+                model=model,
+                messages=messages,  # type: ignore[arg-type]
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            # Closing the stream closes the HTTP response: a cancelled job stops paying.
+            async with stream:
+                async for event in stream:
+                    yield _chunk_from_event(event)
+        except openai.APIStatusError as error:
+            raise ProviderError(
+                f"The model provider refused the request ({error.status_code}): "
+                f"{_error_text(error)}",
+                retryable=error.status_code == 429 or error.status_code >= 500,
+            ) from error
+        except (openai.APIConnectionError, openai.APIResponseValidationError) as error:
+            raise ProviderError(
+                f"The model provider could not be reached or broke off: {error}",
+                retryable=True,
+            ) from error
+
+
+def _chunk_from_event(event: openai.types.chat.ChatCompletionChunk) -> Chunk:
+    text = "".join(choice.delta.content or "" for choice in event.choices if choice.delta)
+    usage = None
+    if event.usage is not None:
+        usage = {
+            "prompt_tokens": event.usage.prompt_tokens,
+            "completion_tokens": event.usage.completion_tokens,
+            "total_tokens": event.usage.total_tokens,
+        }
+    return Chunk(text=text, usage=usage)
+
+
+def _error_text(error: openai.APIStatusError) -> str:
+    body = error.body
+    if isinstance(body, dict):
+        nested = body.get("error", body)
+        if isinstance(nested, dict) and nested.get("message"):
+            return str(nested["message"])
+    return error.message
+
+
+DEMO_REPLY = (
+    "[Demo model] This is a canned reply from Grizz's built-in demo model, streamed token "
+    "by token so you can see the pipeline work. Set OPENAI_API_KEY (and OPENAI_BASE_URL for "
+    "any OpenAI-compatible server) to talk to a real model."
+)
+
+
+class DemoProvider:
+    name = "demo"
+
+    def __init__(self, *, interval: float = 0.03) -> None:
+        self.interval = interval
+
+    async def stream(self, *, messages: list[dict[str, str]], model: str) -> AsyncIterator[Chunk]:
+        words = DEMO_REPLY.split(" ")
+        for index, word in enumerate(words):
+            await asyncio.sleep(self.interval)
+            yield Chunk(text=word if index == 0 else " " + word)
+        yield Chunk(
+            usage={
+                "prompt_tokens": sum(len(m["content"].split()) for m in messages),
+                "completion_tokens": len(words),
+                "total_tokens": sum(len(m["content"].split()) for m in messages) + len(words),
+            }
+        )

@@ -1,0 +1,68 @@
+"""Redis clients and key names.
+
+asyncio Redis clients belong to the event loop that created them, so each loop gets its own
+client (the web process has one loop; the test suite makes a loop per test).
+"""
+
+import asyncio
+import weakref
+
+import redis.asyncio as aioredis
+from django.conf import settings
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def redis_get() -> aioredis.Redis:
+    loop = asyncio.get_running_loop()
+    client = _clients.get(loop)
+    if client is None:
+        client = aioredis.Redis.from_url(
+            settings.REDIS_URL,
+            max_connections=settings.REDIS_MAX_CONNECTIONS,
+            socket_connect_timeout=3,
+            # Long enough for a blocking XREADGROUP (which adds its own block time).
+            socket_timeout=10,
+            socket_keepalive=True,
+            health_check_interval=30,
+            decode_responses=True,
+        )
+        _clients[loop] = client
+    return client
+
+
+def redis_pubsub_client() -> aioredis.Redis:
+    # No silent retries: the reply hub must see a lost connection, because frames published
+    # while it was down have to be read back from the replay logs.
+    return aioredis.Redis.from_url(
+        settings.REDIS_URL,
+        socket_connect_timeout=3,
+        health_check_interval=30,
+        retry=Retry(NoBackoff(), 0),
+        decode_responses=True,
+    )
+
+
+def key(*parts: str) -> str:
+    # The prefix sits in a hash tag: every key of one deployment lives in one Cluster slot,
+    # so a script may touch several of them.
+    return ":".join(("{" + settings.REDIS_KEY_PREFIX + "}", *parts))
+
+
+def jobs_stream_key() -> str:
+    return key("jobs")
+
+
+def reply_log_key(job_id: str) -> str:
+    return key("reply", job_id, "log")
+
+
+def conversation_channel(conversation_id: str) -> str:
+    return key("conv", conversation_id)
+
+
+WORKER_GROUP = "workers"

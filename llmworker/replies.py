@@ -1,0 +1,199 @@
+"""Reply streams: how a reply being generated reaches every socket on its conversation.
+
+Each reply (job) has a replay log, a Redis Stream holding every frame sent for it in order,
+and each conversation has a pub/sub channel for live delivery. The worker emits a frame with
+one script call that numbers it (seq), appends it to the log and publishes it: one command
+per coalesced batch of deltas. Web processes hold one pub/sub connection each (`ReplyHub`),
+so idle sockets cost Redis nothing; a socket that missed frames (a reconnect, a dropped
+pub/sub connection) reads them back from the log by seq.
+"""
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+from django.conf import settings
+from redis.exceptions import RedisError
+
+from llmworker.redis import conversation_channel, redis_get, redis_pubsub_client, reply_log_key
+
+logger = logging.getLogger(__name__)
+
+# The frame is built as head + '"seq":N,' + tail, so the script needs no JSON library and
+# the seq is assigned where the frame is appended: log order and seq order always agree.
+EMIT_SCRIPT = """
+local seq = redis.call('XLEN', KEYS[1]) + 1
+local frame = ARGV[2] .. '"seq":' .. seq .. ',' .. ARGV[3]
+redis.call('XADD', KEYS[1], '*', 'f', frame)
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('PUBLISH', ARGV[1], frame)
+return seq
+"""
+
+# While a reply is running its log must outlive any pause in generation.
+RUNNING_LOG_TTL_SECONDS = 3600
+
+
+def _frame_parts(kind: str, job_id: str, **body: Any) -> tuple[str, str]:
+    head = '{"type":' + json.dumps(kind) + ',"job_id":' + json.dumps(job_id) + ","
+    tail = json.dumps(body, separators=(",", ":"))[1:]  # without its opening brace
+    return head, tail
+
+
+class ReplyPublisher:
+    """The worker's side: emits the frames of one reply."""
+
+    def __init__(self, *, job_id: str, conversation_id: str, client: aioredis.Redis) -> None:
+        self.job_id = job_id
+        self.channel = conversation_channel(conversation_id)
+        self.log_key = reply_log_key(job_id)
+        self.redis = client
+        self.script = client.register_script(EMIT_SCRIPT)
+
+    async def _emit(self, kind: str, *, ttl: int = RUNNING_LOG_TTL_SECONDS, **body: Any) -> int:
+        head, tail = _frame_parts(kind, self.job_id, **body)
+        return int(await self.script(keys=[self.log_key], args=[self.channel, head, tail, ttl]))
+
+    async def delta(self, content: str) -> int:
+        return await self._emit("delta", content=content)
+
+    async def restart(self) -> int:
+        return await self._emit("restart")
+
+    async def done(
+        self, *, reply_id: str, status: str, content: str, usage: dict[str, int] | None
+    ) -> int:
+        return await self._emit(
+            "done",
+            ttl=settings.LLM_REPLAY_TTL_SECONDS,
+            reply_id=reply_id,
+            status=status,
+            content=content,
+            usage=usage,
+        )
+
+    async def error(self, *, code: str, message: str) -> int:
+        return await self._emit(
+            "error", ttl=settings.LLM_REPLAY_TTL_SECONDS, code=code, message=message
+        )
+
+
+async def reply_replay(*, job_id: str, after: int) -> list[str]:
+    """The frames of a reply with seq > after, in order, as JSON text."""
+    entries = await redis_get().xrange(reply_log_key(job_id))
+    return [fields["f"] for _, fields in entries[after:]]
+
+
+class ReplyListener(Protocol):
+    def reply_frame_received(self, frame: dict[str, Any], raw: str) -> None: ...
+
+    def reply_frames_maybe_missed(self) -> None: ...
+
+
+class ReplyHub:
+    """One per web process: a single pub/sub connection shared by every socket."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.redis = client
+        self.pubsub = client.pubsub()
+        self.listeners: dict[str, set[ReplyListener]] = {}
+        self.confirmations: dict[str, asyncio.Future[None]] = {}
+        self.reader: asyncio.Task[None] | None = None
+
+    async def join(self, *, conversation_id: str, listener: ReplyListener) -> None:
+        channel = conversation_channel(conversation_id)
+        listeners = self.listeners.setdefault(channel, set())
+        listeners.add(listener)
+        if len(listeners) == 1 or channel in self.confirmations:
+            await self._subscribe(channel)
+
+    async def leave(self, *, conversation_id: str, listener: ReplyListener) -> None:
+        channel = conversation_channel(conversation_id)
+        listeners = self.listeners.get(channel, set())
+        listeners.discard(listener)
+        if not listeners and self.listeners.pop(channel, None) is not None:
+            try:
+                await self.pubsub.unsubscribe(channel)
+            except RedisError:
+                pass  # the reader resubscribes only to channels that still have listeners
+
+    async def _subscribe(self, channel: str) -> None:
+        # Wait until Redis confirms: a frame published after join() returns is then delivered.
+        confirmation = self.confirmations.get(channel)
+        if confirmation is None:
+            confirmation = asyncio.get_running_loop().create_future()
+            self.confirmations[channel] = confirmation
+            await self.pubsub.subscribe(channel)
+            self._reader_ensure()
+        await asyncio.wait_for(asyncio.shield(confirmation), timeout=5)
+
+    def _reader_ensure(self) -> None:
+        if self.reader is None or self.reader.done():
+            self.reader = asyncio.create_task(self._read_forever(), name="reply-hub-reader")
+
+    async def _read_forever(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                # A bounded wait lets the health check (a PING every 30 s) find a dead peer.
+                message = await self.pubsub.get_message(timeout=30)
+                backoff = 0.1
+            except (RedisError, OSError) as error:
+                logger.warning("reply hub lost Redis (%s); reconnecting", error)
+                await asyncio.sleep(backoff * (1 + random.random()))
+                backoff = min(backoff * 2, 5.0)
+                await self._reconnect()
+                continue
+            if message is not None:
+                self._dispatch(message)
+
+    async def _reconnect(self) -> None:
+        try:
+            await self.pubsub.aclose()
+        except (RedisError, OSError):
+            pass
+        self.pubsub = self.redis.pubsub()
+        channels = list(self.listeners)
+        try:
+            if channels:
+                await self.pubsub.subscribe(*channels)
+        except (RedisError, OSError) as error:
+            logger.warning("reply hub could not resubscribe: %s", error)
+            return
+        # Frames published while the connection was down are only in the replay logs.
+        for listener in self._listeners_of(channels):
+            listener.reply_frames_maybe_missed()
+
+    def _listeners_of(self, channels: Iterable[str]) -> list[ReplyListener]:
+        return [listener for channel in channels for listener in self.listeners.get(channel, ())]
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        channel = message["channel"]
+        if message["type"] == "subscribe":
+            confirmation = self.confirmations.pop(channel, None)
+            if confirmation is not None and not confirmation.done():
+                confirmation.set_result(None)
+            return
+        if message["type"] != "message":
+            return
+        raw = message["data"]
+        frame = json.loads(raw)
+        for listener in list(self.listeners.get(channel, ())):
+            listener.reply_frame_received(frame, raw)
+
+
+_hubs: dict[asyncio.AbstractEventLoop, ReplyHub] = {}
+
+
+def reply_hub_get() -> ReplyHub:
+    loop = asyncio.get_running_loop()
+    hub = _hubs.get(loop)
+    if hub is None:
+        for stale in [other for other in _hubs if other.is_closed()]:
+            del _hubs[stale]
+        hub = _hubs[loop] = ReplyHub(redis_pubsub_client())
+    return hub
