@@ -51,7 +51,8 @@ class Message(models.Model):
     # Redis delivers it.
     job_id = models.UUIDField(null=True, blank=True, unique=True, editable=False)
     # The client's own id for a message, so that a resent frame returns the original job.
-    client_msg_id = models.CharField(max_length=64, null=True, blank=True)
+    # NULL, not "", when absent: the uniqueness constraint must ignore messages without one.
+    client_msg_id = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001
     # Fencing token: the delivery attempt that may write this reply. A worker that stalled
     # past its lease holds an older number and its writes match no row.
     attempt = models.PositiveIntegerField(default=0)

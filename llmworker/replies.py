@@ -9,6 +9,7 @@ pub/sub connection) reads them back from the log by seq.
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -116,10 +117,9 @@ class ReplyHub:
         listeners = self.listeners.get(channel, set())
         listeners.discard(listener)
         if not listeners and self.listeners.pop(channel, None) is not None:
-            try:
+            # On failure the reader resubscribes only to channels that still have listeners.
+            with contextlib.suppress(RedisError):
                 await self.pubsub.unsubscribe(channel)
-            except RedisError:
-                pass  # the reader resubscribes only to channels that still have listeners
 
     async def _subscribe(self, channel: str) -> None:
         # Wait until Redis confirms: a frame published after join() returns is then delivered.
@@ -152,10 +152,8 @@ class ReplyHub:
                 self._dispatch(message)
 
     async def _reconnect(self) -> None:
-        try:
+        with contextlib.suppress(RedisError, OSError):
             await self.pubsub.aclose()
-        except (RedisError, OSError):
-            pass
         self.pubsub = self.redis.pubsub()
         channels = list(self.listeners)
         try:

@@ -5,8 +5,8 @@ happens to one job lives in generation.py."""
 import asyncio
 import logging
 
-from django.db import close_old_connections
 from asgiref.sync import sync_to_async
+from django.db import close_old_connections
 
 from llmworker.generation import reply_generate
 from llmworker.jobs import Job
@@ -40,6 +40,7 @@ class Worker:
             self.provider.name,
         )
         await self.queue.group_ensure()
+        logger.info("worker %s: ready", self.name)
         # Jobs this name was given before a restart and never acknowledged come first.
         self._start_jobs(
             await self.queue.read(count=self.concurrency, block_ms=0, own_pending=True)

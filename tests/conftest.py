@@ -1,0 +1,138 @@
+"""Test fixtures: the real PostgreSQL and Redis of this machine, a loopback OpenAI-compatible
+server, and real `run_llm_worker` / daphne processes.
+
+Two runs on one machine never collide: each gets its own database (test_grizz_<pid>) and its
+own Redis key prefix, deleted at the end.
+"""
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from django.conf import settings
+from django.contrib.auth.models import User
+
+from tests.support.fake_openai import Behaviour, FakeOpenAI
+from tests.support.processes import ServiceProcess, daphne_start, worker_start
+
+RUN_ID = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if settings.DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+        pytest.exit("The tests run on PostgreSQL: use `make test`, or set DATABASE_URL.", 2)
+    settings.REDIS_KEY_PREFIX = f"grizz-test-{RUN_ID}"
+    settings.CHANNEL_LAYERS["default"]["CONFIG"]["prefix"] = f"grizz-test-{RUN_ID}:layer:"
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings() -> None:
+    settings.DATABASES["default"].setdefault("TEST", {})["NAME"] = f"test_grizz_{os.getpid()}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _test_database_released_at_exit(django_db_setup: None, django_db_blocker) -> Iterator[None]:
+    """Connections held by sync_to_async's threads would keep the test database from being
+    dropped at the end; end them first."""
+    yield
+    from django.db import connection
+
+    with django_db_blocker.unblock(), connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _redis_keys_removed_at_exit() -> Iterator[None]:
+    yield
+    import redis
+
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    for pattern in (f"{{{settings.REDIS_KEY_PREFIX}}}*", f"{settings.REDIS_KEY_PREFIX}:*"):
+        for key in client.scan_iter(match=pattern, count=1000):
+            client.delete(key)
+
+
+@pytest.fixture(scope="session")
+def fake_llm_server() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI() as server:
+        yield server
+
+
+@pytest.fixture
+def fake_llm(fake_llm_server: FakeOpenAI) -> Iterator[FakeOpenAI]:
+    fake_llm_server.reset()
+    fake_llm_server.default = Behaviour()
+    yield fake_llm_server
+    fake_llm_server.reset()
+
+
+def _database_url() -> str:
+    db = settings.DATABASES["default"]
+    return f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+
+
+@pytest.fixture
+def service_env(fake_llm: FakeOpenAI, transactional_db: None) -> dict[str, str]:
+    """The environment of a Grizz process that shares this test's database and Redis."""
+    return {
+        **os.environ,
+        "DATABASE_URL": _database_url(),
+        "REDIS_URL": settings.REDIS_URL,
+        "REDIS_KEY_PREFIX": settings.REDIS_KEY_PREFIX,
+        "OPENAI_API_KEY": "test-key",
+        "OPENAI_BASE_URL": fake_llm.base_url,
+        "LLM_MODEL": "fake-model",
+        "DJANGO_SECRET_KEY": settings.SECRET_KEY,
+        "DJANGO_DEBUG": "0",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+@pytest.fixture
+def worker(service_env: dict[str, str]) -> Iterator[ServiceProcess]:
+    process = worker_start(env=service_env, name=f"w1-{RUN_ID}")
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def start_worker(service_env: dict[str, str]) -> Iterator:
+    """Start more workers within one test; each is stopped at its end."""
+    started: list[ServiceProcess] = []
+
+    def start(name: str, **options: object) -> ServiceProcess:
+        process = worker_start(env=service_env, name=f"{name}-{RUN_ID}", **options)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+def daphne(service_env: dict[str, str]) -> Iterator[ServiceProcess]:
+    process = daphne_start(env=service_env, port=_free_port())
+    yield process
+    process.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def alice(transactional_db: None) -> User:
+    return User.objects.create_user("alice", password="alice-password-1")
+
+
+@pytest.fixture
+def bob(transactional_db: None) -> User:
+    return User.objects.create_user("bob", password="bob-password-1")

@@ -1,0 +1,87 @@
+"""Helpers for talking to the chat socket in-process (channels' WebsocketCommunicator)."""
+
+import json
+from typing import Any
+
+from channels.testing import WebsocketCommunicator
+from django.contrib.auth.models import User
+from django.test import Client
+from rest_framework_simplejwt.tokens import AccessToken
+
+from grizz.asgi import application
+
+
+def token_for(user: User) -> str:
+    return str(AccessToken.for_user(user))
+
+
+def session_headers(user: User, *, origin: str | None = "http://testserver") -> list:
+    client = Client()
+    client.force_login(user)
+    headers = [
+        (b"cookie", f"sessionid={client.cookies['sessionid'].value}".encode()),
+        (b"host", b"testserver"),
+    ]
+    if origin is not None:
+        headers.append((b"origin", origin.encode()))
+    return headers
+
+
+class ChatSocket:
+    """A socket on one conversation. `frames` keeps every frame received, in order."""
+
+    def __init__(self, path: str, *, headers: list | None = None) -> None:
+        self.communicator = WebsocketCommunicator(application, path, headers=headers or [])
+        self.frames: list[dict[str, Any]] = []
+
+    @classmethod
+    async def open(
+        cls, conversation_id: object, *, user: User | None = None, headers: list | None = None
+    ) -> "ChatSocket":
+        path = f"/ws/chat/{conversation_id}/"
+        if user is not None:
+            path += f"?token={token_for(user)}"
+        socket = cls(path, headers=headers)
+        connected, _ = await socket.communicator.connect(timeout=10)
+        assert connected
+        return socket
+
+    async def send(self, frame: dict[str, Any] | str) -> None:
+        text = frame if isinstance(frame, str) else json.dumps(frame)
+        await self.communicator.send_to(text_data=text)
+
+    async def receive(self, timeout: float = 10) -> dict[str, Any]:
+        output = await self.communicator.receive_output(timeout)
+        if output["type"] == "websocket.close":
+            raise AssertionError(f"socket closed with {output.get('code')}")
+        frame = json.loads(output["text"])
+        self.frames.append(frame)
+        return frame
+
+    async def receive_until(self, kind: str, timeout: float = 15) -> list[dict[str, Any]]:
+        """Frames up to and including the first of type `kind`."""
+        got = []
+        while True:
+            frame = await self.receive(timeout)
+            got.append(frame)
+            if frame["type"] == kind:
+                return got
+
+    async def close_code(self, timeout: float = 10) -> int:
+        output = await self.communicator.receive_output(timeout)
+        assert output["type"] == "websocket.close", output
+        return output.get("code", 1000)
+
+    async def nothing_received(self) -> bool:
+        return await self.communicator.receive_nothing(timeout=0.3)
+
+    async def close(self) -> None:
+        await self.communicator.disconnect()
+
+
+def answer_of(frames: list[dict[str, Any]], job_id: str) -> str:
+    """The text a client shows for a job: its deltas in seq order."""
+    deltas = [f for f in frames if f["type"] == "delta" and f["job_id"] == job_id]
+    seqs = [f["seq"] for f in deltas]
+    assert seqs == sorted(set(seqs)), f"deltas out of order or repeated: {seqs}"
+    return "".join(f["content"] for f in deltas)
