@@ -11,6 +11,7 @@ from asgiref.sync import sync_to_async
 
 from chat.models import Message
 from chat.services import conversation_create
+from llmworker.redis import redis_get
 from tests.support.fake_openai import Behaviour
 from tests.support.sockets import ChatSocket, answer_of, token_for
 
@@ -207,4 +208,24 @@ async def test_the_demo_model_answers_without_an_api_key(alice, service_env, sta
     assert done["content"].startswith("[Demo model]")
     reply = await Message.objects.aget(id=done["reply_id"])
     assert reply.model == "grizz-demo"
+    await socket.close()
+
+
+async def test_it_recovers_frames_lost_with_the_pubsub_connection(alice, fake_llm, worker):
+    fake_llm.default = Behaviour(tokens=[f" w{i}" for i in range(60)], interval=0.02)
+    conversation = await _conversation(alice)
+    socket = await ChatSocket.open(conversation.id, user=alice)
+    await socket.receive()
+    await socket.send({"type": "message", "content": "Go"})
+    queued = await socket.receive()
+    await socket.receive()  # the first delta: the reply is streaming
+
+    # Redis drops every pub/sub connection: frames published until the hub has
+    # reconnected reach no socket live; they must come from the replay log.
+    redis = redis_get()
+    assert await redis.client_kill_filter(_type="pubsub") >= 1
+    frames = await socket.receive_until("done")
+
+    assert answer_of(socket.frames, queued["job_id"]) == "".join(f" w{i}" for i in range(60))
+    assert frames[-1]["content"] == "".join(f" w{i}" for i in range(60))
     await socket.close()

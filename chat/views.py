@@ -1,0 +1,75 @@
+"""Browser pages: the conversation list and the chat page.
+
+The views stay thin: creating a conversation is a service call, and the chat itself runs over
+the WebSocket (see static/chat/chat.js), so the chat page only renders the transcript so far.
+"""
+
+import uuid
+
+from django import forms
+from django.conf import settings
+from django.contrib.auth.decorators import login_required
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_http_methods, require_safe
+
+from chat.models import Conversation
+from chat.services import conversation_create
+from llmworker.providers import demo_mode_active
+
+
+class ConversationCreateForm(forms.Form):
+    # The limits match the model (title) and the per-message limit the chat enforces.
+    title = forms.CharField(
+        max_length=Conversation._meta.get_field("title").max_length,
+        required=False,
+        widget=forms.TextInput(attrs={"placeholder": "Untitled", "autocomplete": "off"}),
+    )
+    system_prompt = forms.CharField(
+        max_length=settings.CHAT_MAX_MESSAGE_CHARS,
+        required=False,
+        widget=forms.Textarea(
+            attrs={"rows": 3, "placeholder": "e.g. You are a concise assistant."}
+        ),
+    )
+
+
+@login_required
+@require_http_methods(["GET", "HEAD", "POST"])
+def conversation_list(request: HttpRequest) -> HttpResponse:
+    if request.method == "POST":
+        form = ConversationCreateForm(request.POST)
+        if form.is_valid():
+            conversation = conversation_create(
+                owner=request.user,
+                title=form.cleaned_data["title"],
+                system_prompt=form.cleaned_data["system_prompt"],
+            )
+            return redirect("conversation-detail", conversation_id=conversation.id)
+    else:
+        form = ConversationCreateForm()
+    conversations = Conversation.objects.filter(owner=request.user).order_by("-updated_at")
+    return render(
+        request,
+        "chat/conversation_list.html",
+        {"conversations": conversations, "form": form, "demo_model": demo_mode_active()},
+    )
+
+
+@login_required
+@require_safe
+def conversation_detail(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponse:
+    # Filtering on the owner makes another user's conversation a 404, not a 403: whether an
+    # id exists is none of their business.
+    conversation = get_object_or_404(Conversation, id=conversation_id, owner=request.user)
+    return render(
+        request,
+        "chat/conversation_detail.html",
+        {
+            "conversation": conversation,
+            "messages": conversation.messages.all(),
+            "ws_path": f"/ws/chat/{conversation.id}/",
+            "demo_model": demo_mode_active(),
+            "max_message_chars": settings.CHAT_MAX_MESSAGE_CHARS,
+        },
+    )

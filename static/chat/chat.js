@@ -1,0 +1,772 @@
+/*
+ * Grizz chat page.
+ *
+ * Speaks the chat WebSocket protocol (/ws/chat/<conversation_id>/):
+ *   server -> client: hello, queued, user_message, delta, restart, done, error, pong
+ *   client -> server: message, ping, cancel, resume
+ *
+ * The transcript is rendered by the server; this file keeps it up to date. Every piece of
+ * user or model text goes into the page as a text node (textContent / createTextNode), never
+ * as HTML, so an answer containing "<script>" is shown literally.
+ */
+(function () {
+  "use strict";
+
+  const root = document.getElementById("chat");
+  if (!root) {
+    return;
+  }
+
+  const PING_INTERVAL_MS = 30000;
+  // No frame at all (not even a pong) for this long: the connection is dead even if the
+  // browser has not noticed yet (e.g. a laptop that slept or a phone that changed networks).
+  const DEAD_SOCKET_MS = 2 * PING_INTERVAL_MS + 15000;
+  const RECONNECT_MIN_MS = 500;
+  const RECONNECT_MAX_MS = 10000;
+  // A delta that arrives ahead of a missing one waits this long for the gap to fill before
+  // the client asks the server to replay from the last seq it has.
+  const GAP_RESUME_MS = 2000;
+  // "At the bottom" tolerance for auto-scroll, so a few pixels off still counts.
+  const STICK_TO_BOTTOM_PX = 80;
+
+  // Close codes after which reconnecting cannot help.
+  const FATAL_CLOSES = {
+    4401: {
+      status: "Signed out",
+      message: "You have been signed out. Reload the page to sign in again.",
+    },
+    4403: { status: "No access", message: "You do not have access to this conversation." },
+    4404: { status: "Not found", message: "This conversation does not exist any more." },
+  };
+
+  // Used when an error frame carries no human-readable message.
+  const ERROR_TEXTS = {
+    invalid: "The server rejected that message.",
+    too_long: "That message is too long.",
+    busy: "Wait for the current reply to finish before sending another message.",
+    llm_error: "The model failed to answer.",
+    unavailable: "The service is unavailable right now. Try again shortly.",
+    rate_limited: "You are sending messages too fast. Wait a moment.",
+    overloaded: "The service is busy. Try again in a moment.",
+  };
+
+  // Must match the labels in templates/chat/conversation_detail.html.
+  const STATUS_LABELS = {
+    sending: "sending…",
+    queued: "waiting…",
+    streaming: "writing…",
+    complete: "",
+    cancelled: "stopped",
+    failed: "failed",
+  };
+
+  const ACTIVE_STATUSES = new Set(["queued", "streaming"]);
+
+  function isActive(status) {
+    return ACTIVE_STATUSES.has(status);
+  }
+
+  const els = {
+    transcript: document.getElementById("transcript"),
+    empty: document.getElementById("transcript-empty"),
+    status: document.getElementById("connection-status"),
+    notice: document.getElementById("notice"),
+    noticeText: document.querySelector("#notice .notice-text"),
+    noticeClose: document.querySelector("#notice .notice-close"),
+    form: document.getElementById("composer"),
+    input: document.getElementById("composer-input"),
+    send: document.getElementById("send-button"),
+    stop: document.getElementById("stop-button"),
+  };
+
+  const state = {
+    wsUrl: websocketUrl(root.dataset.wsPath),
+    socket: null,
+    connected: false, // "hello" received on the current socket
+    helloCount: 0,
+    reconnectAttempt: 0,
+    reconnectTimer: null,
+    pingTimer: null,
+    lastFrameAt: 0,
+    fatal: false,
+    // The job whose reply is being generated in this conversation (ours or another tab's).
+    activeJobId: null,
+    cancelRequestedFor: null,
+    // The message we sent whose "queued" has not arrived: {clientMsgId, content, element}.
+    pending: null,
+    // Per job: {lastSeq, buffer: Map(seq -> frame), finished, gapTimer}.
+    jobs: new Map(),
+  };
+
+  // ---------------------------------------------------------------------------------------
+  // Connection
+
+  function websocketUrl(path) {
+    const scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
+    return scheme + "//" + window.location.host + path;
+  }
+
+  function connect() {
+    clearTimeout(state.reconnectTimer);
+    state.reconnectTimer = null;
+    setConnectionStatus("connecting", state.helloCount ? "Reconnecting…" : "Connecting…");
+    let socket;
+    try {
+      socket = new WebSocket(state.wsUrl);
+    } catch (error) {
+      scheduleReconnect();
+      return;
+    }
+    state.socket = socket;
+    // Events of a socket we have abandoned must not touch the state of its successor.
+    socket.addEventListener("open", () => socket === state.socket && onOpen());
+    socket.addEventListener("message", (event) => socket === state.socket && onFrame(event.data));
+    socket.addEventListener("close", (event) => socket === state.socket && onClose(event));
+  }
+
+  function onOpen() {
+    state.lastFrameAt = Date.now();
+    state.pingTimer = setInterval(pingOrGiveUp, PING_INTERVAL_MS);
+    // Send stays disabled until "hello" tells us whether a reply is in flight.
+  }
+
+  function onClose(event) {
+    forgetSocket();
+    const fatal = FATAL_CLOSES[event.code];
+    if (fatal) {
+      state.fatal = true;
+      setConnectionStatus("closed", fatal.status);
+      showNotice(fatal.message);
+      updateControls();
+      return;
+    }
+    scheduleReconnect();
+  }
+
+  function forgetSocket() {
+    clearInterval(state.pingTimer);
+    state.pingTimer = null;
+    state.socket = null;
+    state.connected = false;
+    updateControls();
+  }
+
+  function scheduleReconnect() {
+    if (state.fatal || state.reconnectTimer) {
+      return;
+    }
+    // 0.5 s doubling to 10 s, +-25 % jitter so that many tabs do not reconnect in lockstep
+    // after a server restart.
+    const base = Math.min(RECONNECT_MAX_MS, RECONNECT_MIN_MS * 2 ** state.reconnectAttempt);
+    const delay = Math.min(RECONNECT_MAX_MS, base * (0.75 + Math.random() * 0.5));
+    state.reconnectAttempt = Math.min(state.reconnectAttempt + 1, 10);
+    const seconds = Math.ceil(delay / 1000);
+    setConnectionStatus("reconnecting", "Disconnected, retrying in " + seconds + " s");
+    state.reconnectTimer = setTimeout(connect, delay);
+  }
+
+  function reconnectNow() {
+    if (state.reconnectTimer) {
+      state.reconnectAttempt = 0;
+      connect();
+    }
+  }
+
+  function pingOrGiveUp() {
+    if (Date.now() - state.lastFrameAt > DEAD_SOCKET_MS) {
+      abandonSocket();
+      return;
+    }
+    sendFrame({ type: "ping" });
+  }
+
+  // A half-open socket may take minutes to report "close"; drop it and start a new one now.
+  function abandonSocket() {
+    const socket = state.socket;
+    forgetSocket();
+    try {
+      socket.close(4000, "no response");
+    } catch (error) {
+      // Already closing: nothing to do.
+    }
+    scheduleReconnect();
+  }
+
+  function sendFrame(frame) {
+    const socket = state.socket;
+    if (!socket || socket.readyState !== WebSocket.OPEN) {
+      return false;
+    }
+    try {
+      socket.send(JSON.stringify(frame));
+      return true;
+    } catch (error) {
+      return false; // The close event follows; the reconnect logic takes over.
+    }
+  }
+
+  function onFrame(data) {
+    state.lastFrameAt = Date.now();
+    let frame;
+    try {
+      frame = JSON.parse(data);
+    } catch (error) {
+      return;
+    }
+    const handler = FRAME_HANDLERS[frame && frame.type];
+    if (handler) {
+      handler(frame);
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Server frames
+
+  const FRAME_HANDLERS = {
+    hello: onHello,
+    queued: onQueued,
+    user_message: onUserMessage,
+    delta: onStreamFrame,
+    restart: onStreamFrame,
+    done: onDone,
+    error: onError,
+    pong: function () {},
+  };
+
+  function onHello(frame) {
+    const isReconnect = state.helloCount > 0;
+    state.helloCount += 1;
+    state.connected = true;
+    // Reset on hello, not on open: a server that accepts and then closes must still back off.
+    state.reconnectAttempt = 0;
+    setConnectionStatus("open", "Connected");
+    // A cancel sent just before the drop may be lost: let the user press Stop again.
+    state.cancelRequestedFor = null;
+
+    const activeJobId = frame.active_job_id || null;
+    // jobState() also registers the active job, so that the loop below resumes it.
+    state.activeJobId = activeJobId && !jobState(activeJobId).finished ? activeJobId : null;
+    // The server replays every frame after the last seq we have, then continues live. A
+    // reply we still show as unfinished that is no longer active finished while we were not
+    // listening: resuming it replays its end (or sends its "done" from the database).
+    for (const [jobId, job] of state.jobs) {
+      if (!job.finished) {
+        sendFrame({ type: "resume", job_id: jobId, after: job.lastSeq });
+      }
+    }
+    if (state.pending) {
+      // Its "queued" never arrived. The same client_msg_id lets the server answer with the
+      // original job if it did store the message, instead of storing it twice.
+      sendFrame(messageFrame(state.pending));
+    }
+    // While we were away other tabs may have sent messages, whose "user_message" we missed:
+    // fetch the transcript the server has now and merge it in.
+    if (isReconnect) {
+      resyncTranscript();
+    }
+    updateControls();
+  }
+
+  function onQueued(frame) {
+    const pending = state.pending;
+    state.pending = null;
+    if (pending) {
+      if (findMessageElement(frame.message_id)) {
+        pending.element.remove(); // Already shown, by a transcript resync.
+      } else {
+        pending.element.dataset.messageId = frame.message_id;
+        setMessageStatus(pending.element, "complete");
+      }
+    }
+    startReply(frame.job_id, frame.reply_id);
+  }
+
+  // Another tab of this conversation sent a message.
+  function onUserMessage(frame) {
+    if (!findMessageElement(frame.message_id)) {
+      const stick = isNearBottom();
+      appendMessage({
+        role: "user",
+        messageId: frame.message_id,
+        status: "complete",
+        content: frame.content || "",
+      });
+      if (stick) {
+        scrollToBottom();
+      }
+    }
+    startReply(frame.job_id, frame.reply_id);
+  }
+
+  function startReply(jobId, replyId) {
+    if (!jobId) {
+      updateControls();
+      return;
+    }
+    const job = jobState(jobId);
+    const stick = isNearBottom();
+    ensureReplyElement(jobId, replyId);
+    if (!job.finished) {
+      state.activeJobId = jobId;
+    }
+    updateControls();
+    if (stick) {
+      scrollToBottom();
+    }
+  }
+
+  // "delta" and "restart" share one numbering; applying them strictly in seq order makes
+  // replays, duplicates and live frames that overtake a replay all come out right.
+  function onStreamFrame(frame) {
+    const job = jobState(frame.job_id);
+    if (job.finished || !Number.isInteger(frame.seq) || frame.seq <= job.lastSeq) {
+      return;
+    }
+    job.buffer.set(frame.seq, frame);
+    if (!state.activeJobId) {
+      state.activeJobId = frame.job_id; // E.g. the page loaded while the reply was streaming.
+    }
+    applyBufferedFrames(frame.job_id, job);
+    updateControls();
+  }
+
+  function applyBufferedFrames(jobId, job) {
+    const element = ensureReplyElement(jobId);
+    const stick = isNearBottom();
+    let next = job.buffer.get(job.lastSeq + 1);
+    while (next) {
+      job.buffer.delete(next.seq);
+      job.lastSeq = next.seq;
+      if (next.type === "restart") {
+        setMessageContent(element, "");
+      } else {
+        appendMessageContent(element, next.content || "");
+      }
+      next = job.buffer.get(job.lastSeq + 1);
+    }
+    if (job.lastSeq > 0 && element.dataset.status !== "streaming") {
+      setMessageStatus(element, "streaming");
+    }
+    if (job.buffer.size > 0) {
+      scheduleGapResume(jobId, job);
+    }
+    if (stick) {
+      scrollToBottom();
+    }
+  }
+
+  function scheduleGapResume(jobId, job) {
+    if (job.gapTimer) {
+      return;
+    }
+    job.gapTimer = setTimeout(function () {
+      job.gapTimer = null;
+      if (!job.finished && job.buffer.size > 0) {
+        sendFrame({ type: "resume", job_id: jobId, after: job.lastSeq });
+      }
+    }, GAP_RESUME_MS);
+  }
+
+  function onDone(frame) {
+    const element = ensureReplyElement(frame.job_id, frame.reply_id);
+    const stick = isNearBottom();
+    // "content" is the whole answer: it wins over whatever the deltas assembled.
+    setMessageContent(element, frame.content || "");
+    setMessageStatus(element, frame.status === "cancelled" ? "cancelled" : "complete");
+    const usage = frame.usage;
+    if (usage && usage.total_tokens != null) {
+      element.title = usage.total_tokens + " tokens";
+    }
+    finishJob(frame.job_id);
+    if (stick) {
+      scrollToBottom();
+    }
+  }
+
+  function onError(frame) {
+    const text = frame.message || ERROR_TEXTS[frame.code] || "Something went wrong.";
+    showNotice(text);
+    if (frame.job_id) {
+      if (!jobState(frame.job_id).finished) {
+        const element = ensureReplyElement(frame.job_id);
+        setMessageStatus(element, "failed");
+        setMessageError(element, text);
+      }
+      finishJob(frame.job_id);
+    } else if (state.pending) {
+      // An error without a job answers the message we are waiting on (only one can be
+      // waiting): the server did not store it, so give the text back to the user.
+      rejectPending();
+    } else if (state.cancelRequestedFor) {
+      // Most likely the cancel was refused: let the user try again.
+      state.cancelRequestedFor = null;
+      updateControls();
+    }
+  }
+
+  function finishJob(jobId) {
+    const job = jobState(jobId);
+    job.finished = true;
+    job.buffer.clear();
+    clearTimeout(job.gapTimer);
+    job.gapTimer = null;
+    if (state.activeJobId === jobId) {
+      state.activeJobId = null;
+    }
+    updateControls();
+  }
+
+  function jobState(jobId) {
+    let job = state.jobs.get(jobId);
+    if (!job) {
+      job = { lastSeq: 0, buffer: new Map(), finished: false, gapTimer: null };
+      state.jobs.set(jobId, job);
+    }
+    return job;
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Sending
+
+  function sendMessage() {
+    if (els.send.disabled) {
+      return;
+    }
+    const content = els.input.value.trim();
+    if (!content) {
+      return;
+    }
+    const pending = { clientMsgId: newClientMsgId(), content: content, element: null };
+    pending.element = appendMessage({ role: "user", status: "sending", content: content });
+    state.pending = pending;
+    sendFrame(messageFrame(pending)); // If the socket just dropped, hello resends it.
+    els.input.value = "";
+    resizeInput();
+    hideNotice();
+    updateControls();
+    scrollToBottom();
+  }
+
+  function messageFrame(pending) {
+    return { type: "message", content: pending.content, client_msg_id: pending.clientMsgId };
+  }
+
+  function rejectPending() {
+    const pending = state.pending;
+    state.pending = null;
+    pending.element.remove();
+    if (!els.input.value) {
+      els.input.value = pending.content;
+      resizeInput();
+    }
+    updateEmptyHint();
+    updateControls();
+  }
+
+  function requestStop() {
+    const jobId = state.activeJobId;
+    if (jobId && sendFrame({ type: "cancel", job_id: jobId })) {
+      // The reply ends with a "done" (status cancelled) frame; until then, do not resend.
+      state.cancelRequestedFor = jobId;
+      updateControls();
+    }
+  }
+
+  // crypto.randomUUID() exists only on https or localhost; getRandomValues works everywhere.
+  function newClientMsgId() {
+    const bytes = new Uint8Array(16);
+    window.crypto.getRandomValues(bytes);
+    return Array.from(bytes, (byte) => byte.toString(16).padStart(2, "0")).join("");
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Transcript resync: after a reconnect, fetch this page again and merge its transcript in.
+
+  async function resyncTranscript() {
+    let html;
+    try {
+      const response = await fetch(window.location.pathname, {
+        credentials: "same-origin",
+        cache: "no-store",
+        headers: { Accept: "text/html" },
+      });
+      if (!response.ok || response.redirected) {
+        return; // E.g. redirected to the login page; the socket will report that.
+      }
+      html = await response.text();
+    } catch (error) {
+      return;
+    }
+    // DOMParser builds an inert document (no scripts run); only data attributes and
+    // textContent are read out of it.
+    const doc = new DOMParser().parseFromString(html, "text/html");
+    const fresh = doc.getElementById("transcript");
+    if (fresh) {
+      mergeTranscript(readMessages(fresh));
+    }
+  }
+
+  function readMessages(list) {
+    return Array.from(list.querySelectorAll("li.msg"), function (item) {
+      const error = item.querySelector(".msg-error");
+      return {
+        role: item.dataset.role,
+        messageId: item.dataset.messageId || null,
+        jobId: item.dataset.jobId || null,
+        status: item.dataset.status,
+        content: item.querySelector(".msg-content").textContent,
+        error: error ? error.textContent : "",
+      };
+    });
+  }
+
+  function mergeTranscript(records) {
+    const stick = isNearBottom();
+    let previous = null;
+    for (const record of records) {
+      let element = findMessageElement(record.messageId) || findReplyElement(record.jobId);
+      if (!element) {
+        element = createMessage(record);
+        if (previous) {
+          previous.after(element);
+        } else {
+          els.transcript.prepend(element);
+        }
+        if (record.jobId) {
+          const job = jobState(record.jobId);
+          if (!isActive(record.status)) {
+            job.finished = true;
+          } else {
+            // A reply we had not heard of: fetch its frames from the start.
+            sendFrame({ type: "resume", job_id: record.jobId, after: job.lastSeq });
+          }
+        }
+      } else if (isActive(element.dataset.status) && !isActive(record.status)) {
+        // Finished while we were away and its "done" was lost.
+        setMessageContent(element, record.content);
+        setMessageStatus(element, record.status);
+        if (record.error) {
+          setMessageError(element, record.error);
+        }
+        if (record.jobId) {
+          finishJob(record.jobId);
+        }
+      }
+      if (record.messageId && !element.dataset.messageId) {
+        element.dataset.messageId = record.messageId;
+      }
+      previous = element;
+    }
+    updateEmptyHint();
+    updateControls();
+    if (stick) {
+      scrollToBottom();
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Transcript DOM
+
+  function createMessage(record) {
+    const item = document.createElement("li");
+    item.className = "msg msg-" + record.role;
+    item.dataset.role = record.role;
+    if (record.messageId) {
+      item.dataset.messageId = record.messageId;
+    }
+    if (record.jobId) {
+      item.dataset.jobId = record.jobId;
+    }
+
+    const meta = document.createElement("div");
+    meta.className = "msg-meta";
+    const author = document.createElement("span");
+    author.className = "msg-author";
+    author.textContent = record.role === "user" ? "You" : "Grizz";
+    const label = document.createElement("span");
+    label.className = "msg-state";
+    meta.append(author, label);
+
+    const content = document.createElement("div");
+    content.className = "msg-content";
+    content.textContent = record.content || "";
+
+    item.append(meta, content);
+    setMessageStatus(item, record.status || "complete");
+    if (record.status === "failed") {
+      setMessageError(item, record.error || "The reply failed.");
+    }
+    return item;
+  }
+
+  function appendMessage(record) {
+    const item = createMessage(record);
+    els.transcript.append(item);
+    updateEmptyHint();
+    return item;
+  }
+
+  // The bubble of a job's reply, created at the end of the transcript if it is not there yet.
+  function ensureReplyElement(jobId, replyId) {
+    let element = findReplyElement(jobId);
+    if (!element) {
+      element = appendMessage({
+        role: "assistant",
+        messageId: replyId,
+        jobId: jobId,
+        status: "queued",
+        content: "",
+      });
+    } else if (replyId && !element.dataset.messageId) {
+      element.dataset.messageId = replyId;
+    }
+    return element;
+  }
+
+  function findMessageElement(messageId) {
+    if (!messageId) {
+      return null;
+    }
+    const selector = 'li.msg[data-message-id="' + CSS.escape(String(messageId)) + '"]';
+    return els.transcript.querySelector(selector);
+  }
+
+  function findReplyElement(jobId) {
+    if (!jobId) {
+      return null;
+    }
+    const selector = 'li.msg[data-job-id="' + CSS.escape(String(jobId)) + '"]';
+    return els.transcript.querySelector(selector);
+  }
+
+  function contentNode(element) {
+    return element.querySelector(".msg-content");
+  }
+
+  function setMessageContent(element, text) {
+    contentNode(element).textContent = text;
+  }
+
+  // Appends to one text node: rebuilding textContent on every delta would be quadratic.
+  function appendMessageContent(element, text) {
+    if (!text) {
+      return;
+    }
+    const content = contentNode(element);
+    const last = content.lastChild;
+    if (last && last.nodeType === Node.TEXT_NODE) {
+      last.appendData(text);
+    } else {
+      content.append(document.createTextNode(text));
+    }
+  }
+
+  function setMessageStatus(element, status) {
+    element.dataset.status = status;
+    element.querySelector(".msg-state").textContent = STATUS_LABELS[status] || "";
+  }
+
+  function setMessageError(element, text) {
+    let error = element.querySelector(".msg-error");
+    if (!error) {
+      error = document.createElement("p");
+      error.className = "msg-error";
+      element.append(error);
+    }
+    error.textContent = text;
+  }
+
+  function updateEmptyHint() {
+    els.empty.hidden = els.transcript.children.length > 0;
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Page chrome: controls, status, notices, scrolling
+
+  function updateControls() {
+    const replyActive = Boolean(state.activeJobId) || Boolean(state.pending);
+    els.send.disabled = !state.connected || replyActive;
+    els.stop.hidden = !state.activeJobId;
+    const stopping = state.activeJobId !== null && state.cancelRequestedFor === state.activeJobId;
+    els.stop.disabled = !state.connected || stopping;
+    els.stop.textContent = stopping ? "Stopping…" : "Stop";
+  }
+
+  function setConnectionStatus(name, text) {
+    els.status.dataset.state = name;
+    els.status.textContent = text;
+  }
+
+  function showNotice(text) {
+    els.noticeText.textContent = text;
+    els.notice.hidden = false;
+  }
+
+  function hideNotice() {
+    if (!state.fatal) {
+      els.notice.hidden = true;
+    }
+  }
+
+  function isNearBottom() {
+    const page = document.documentElement;
+    return window.innerHeight + window.scrollY >= page.scrollHeight - STICK_TO_BOTTOM_PX;
+  }
+
+  function scrollToBottom() {
+    window.scrollTo(0, document.documentElement.scrollHeight);
+  }
+
+  // Grow the textarea with its content, up to a third of the screen.
+  function resizeInput() {
+    els.input.style.height = "auto";
+    const limit = Math.max(120, Math.floor(window.innerHeight / 3));
+    els.input.style.height = Math.min(els.input.scrollHeight + 2, limit) + "px";
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Start-up
+
+  function readServerRenderedReplies() {
+    for (const item of els.transcript.querySelectorAll("li.msg[data-job-id]")) {
+      const job = jobState(item.dataset.jobId);
+      if (isActive(item.dataset.status)) {
+        // Its content is empty in the database until it finishes: "hello" + resume fill it.
+        state.activeJobId = item.dataset.jobId;
+      } else {
+        job.finished = true;
+      }
+    }
+  }
+
+  function bindEvents() {
+    els.form.addEventListener("submit", function (event) {
+      event.preventDefault();
+      sendMessage();
+    });
+    els.input.addEventListener("keydown", function (event) {
+      // Enter sends, Shift+Enter is a newline; an Enter that confirms an IME composition
+      // (keyCode 229 in older browsers) is neither.
+      const composing = event.isComposing || event.keyCode === 229;
+      if (event.key !== "Enter" || event.shiftKey || composing) {
+        return;
+      }
+      event.preventDefault();
+      sendMessage();
+    });
+    els.input.addEventListener("input", resizeInput);
+    els.stop.addEventListener("click", requestStop);
+    els.noticeClose.addEventListener("click", function () {
+      els.notice.hidden = true;
+    });
+    // Back online: no point waiting out the backoff.
+    window.addEventListener("online", reconnectNow);
+  }
+
+  readServerRenderedReplies();
+  updateEmptyHint();
+  updateControls();
+  bindEvents();
+  scrollToBottom();
+  connect();
+})();

@@ -1,0 +1,388 @@
+"""The REST API as a client sees it: JWT and session auth, conversations, transcripts."""
+
+import uuid
+from datetime import timedelta
+
+import pytest
+from django.conf import settings
+from django.middleware.csrf import get_token
+from django.test import Client, RequestFactory
+from django.utils import timezone
+from rest_framework.test import APIClient
+from rest_framework_simplejwt.tokens import AccessToken
+
+from chat.models import Conversation, Message
+from chat.services import (
+    conversation_create,
+    message_send,
+    reply_complete,
+    reply_fail,
+    reply_start,
+)
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+TOKEN_URL = "/api/auth/token/"
+REFRESH_URL = "/api/auth/token/refresh/"
+CONVERSATIONS_URL = "/api/conversations/"
+
+
+def messages_url(conversation_id: object) -> str:
+    return f"/api/conversations/{conversation_id}/messages/"
+
+
+def bearer(access: str) -> dict[str, str]:
+    return {"HTTP_AUTHORIZATION": f"Bearer {access}"}
+
+
+def token_pair(username: str, password: str) -> dict[str, str]:
+    response = APIClient().post(TOKEN_URL, {"username": username, "password": password})
+    assert response.status_code == 200, response.content
+    return response.json()
+
+
+def client_as(user) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {AccessToken.for_user(user)}")
+    return client
+
+
+def answered(conversation: Conversation, question: str, answer: str) -> None:
+    """One finished turn: the user's message and a complete assistant reply."""
+    sent = message_send(conversation=conversation, content=question)
+    start = reply_start(reply_id=sent.reply.id, default_model="test-model")
+    assert start is not None
+    assert reply_complete(
+        reply_id=sent.reply.id,
+        attempt=start.attempt,
+        content=answer,
+        usage={"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+    )
+
+
+# --- Tokens -----------------------------------------------------------------------------
+
+
+def test_it_issues_an_access_and_a_refresh_token(alice):
+    response = APIClient().post(
+        TOKEN_URL, {"username": "alice", "password": "alice-password-1"}, format="json"
+    )
+    assert response.status_code == 200
+    assert set(response.json()) == {"access", "refresh"}
+
+
+def test_it_refuses_a_token_for_a_wrong_password(alice):
+    response = APIClient().post(
+        TOKEN_URL, {"username": "alice", "password": "bob-password-1"}, format="json"
+    )
+    assert response.status_code == 401
+    assert "access" not in response.json()
+
+
+def test_it_refuses_a_token_for_an_unknown_user(alice):
+    response = APIClient().post(
+        TOKEN_URL, {"username": "mallory", "password": "alice-password-1"}, format="json"
+    )
+    assert response.status_code == 401
+
+
+def test_it_refreshes_an_access_token(alice):
+    refresh = token_pair("alice", "alice-password-1")["refresh"]
+    response = APIClient().post(REFRESH_URL, {"refresh": refresh}, format="json")
+    assert response.status_code == 200
+    assert set(response.json()) == {"access"}
+    listed = APIClient().get(CONVERSATIONS_URL, **bearer(response.json()["access"]))
+    assert listed.status_code == 200
+
+
+def test_it_refuses_to_refresh_with_an_access_token(alice):
+    access = token_pair("alice", "alice-password-1")["access"]
+    response = APIClient().post(REFRESH_URL, {"refresh": access}, format="json")
+    assert response.status_code == 401
+
+
+def test_it_refuses_to_refresh_with_a_malformed_token():
+    response = APIClient().post(REFRESH_URL, {"refresh": "not-a-jwt"}, format="json")
+    assert response.status_code == 401
+
+
+# --- Authentication ---------------------------------------------------------------------
+
+
+def test_it_authenticates_with_a_bearer_access_token(alice):
+    conversation = conversation_create(owner=alice, title="Token chat")
+    access = token_pair("alice", "alice-password-1")["access"]
+    response = APIClient().get(CONVERSATIONS_URL, **bearer(access))
+    assert response.status_code == 200
+    assert [c["id"] for c in response.json()] == [str(conversation.id)]
+
+
+def test_it_authenticates_with_the_session(alice):
+    conversation = conversation_create(owner=alice, title="Session chat")
+    client = Client()
+    client.force_login(alice)
+    response = client.get(CONVERSATIONS_URL)
+    assert response.status_code == 200
+    assert [c["id"] for c in response.json()] == [str(conversation.id)]
+
+
+def test_it_returns_401_with_a_bearer_challenge_without_credentials():
+    response = APIClient().get(CONVERSATIONS_URL)
+    # JWTAuthentication comes first, so DRF answers 401 with its challenge, not 403.
+    assert response.status_code == 401
+    assert response["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_it_returns_401_for_a_malformed_access_token():
+    response = APIClient().get(CONVERSATIONS_URL, **bearer("not-a-jwt"))
+    assert response.status_code == 401
+
+
+def test_it_returns_401_for_an_expired_access_token(alice):
+    token = AccessToken.for_user(alice)
+    token.set_exp(lifetime=-timedelta(seconds=1))
+    response = APIClient().get(CONVERSATIONS_URL, **bearer(str(token)))
+    assert response.status_code == 401
+
+
+def test_it_returns_401_for_a_refresh_token_used_as_access_token(alice):
+    refresh = token_pair("alice", "alice-password-1")["refresh"]
+    response = APIClient().get(CONVERSATIONS_URL, **bearer(refresh))
+    assert response.status_code == 401
+
+
+def test_it_refuses_a_post_without_credentials():
+    response = APIClient().post(CONVERSATIONS_URL, {"title": "Anonymous"}, format="json")
+    assert response.status_code == 401
+    assert not Conversation.objects.exists()
+
+
+# --- CSRF -------------------------------------------------------------------------------
+
+
+def test_it_refuses_a_session_post_without_the_csrf_token(alice):
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(alice)
+    response = client.post(CONVERSATIONS_URL, {"title": "Forged"}, content_type="application/json")
+    assert response.status_code == 403
+    assert "CSRF" in response.json()["detail"]
+    assert not Conversation.objects.exists()
+
+
+def test_it_accepts_a_session_post_with_the_csrf_token(alice):
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(alice)
+    request = RequestFactory().get("/")
+    token = get_token(request)
+    client.cookies[settings.CSRF_COOKIE_NAME] = request.META["CSRF_COOKIE"]
+    response = client.post(
+        CONVERSATIONS_URL,
+        {"title": "Genuine"},
+        content_type="application/json",
+        HTTP_X_CSRFTOKEN=token,
+    )
+    assert response.status_code == 201
+    assert Conversation.objects.get().title == "Genuine"
+
+
+def test_it_accepts_a_token_post_without_a_csrf_token(alice):
+    client = Client(enforce_csrf_checks=True)
+    response = client.post(
+        CONVERSATIONS_URL,
+        {"title": "Token post"},
+        content_type="application/json",
+        **bearer(str(AccessToken.for_user(alice))),
+    )
+    assert response.status_code == 201
+
+
+# --- Conversations ----------------------------------------------------------------------
+
+
+def test_it_lists_only_the_callers_conversations(alice, bob):
+    mine = conversation_create(owner=alice, title="Alice's")
+    conversation_create(owner=bob, title="Bob's")
+    response = client_as(alice).get(CONVERSATIONS_URL)
+    assert response.status_code == 200
+    assert [(c["id"], c["title"]) for c in response.json()] == [(str(mine.id), "Alice's")]
+
+
+def test_it_lists_no_conversation_for_a_new_user(alice, bob):
+    conversation_create(owner=bob, title="Bob's")
+    response = client_as(alice).get(CONVERSATIONS_URL)
+    assert response.status_code == 200
+    assert response.json() == []
+
+
+def test_it_lists_conversations_newest_first(alice):
+    now = timezone.now()
+    ages = {"oldest": 3, "middle": 2, "newest": 1}
+    for title, hours in ages.items():
+        conversation = conversation_create(owner=alice, title=title)
+        then = now - timedelta(hours=hours)
+        Conversation.objects.filter(id=conversation.id).update(created_at=then, updated_at=then)
+    response = client_as(alice).get(CONVERSATIONS_URL)
+    assert [c["title"] for c in response.json()] == ["newest", "middle", "oldest"]
+
+
+def test_it_creates_a_conversation(alice):
+    response = client_as(alice).post(
+        CONVERSATIONS_URL,
+        {"title": "Bears", "system_prompt": "You are a bear.", "model": "gpt-4o-mini"},
+        format="json",
+    )
+    assert response.status_code == 201
+    body = response.json()
+    conversation = Conversation.objects.get(id=uuid.UUID(body["id"]))
+    assert conversation.owner == alice
+    assert body["title"] == "Bears"
+    assert body["system_prompt"] == "You are a bear."
+    assert body["model"] == "gpt-4o-mini"
+    assert set(body) == {"id", "title", "model", "system_prompt", "created_at", "updated_at"}
+
+
+def test_it_creates_a_conversation_from_an_empty_body(alice):
+    response = client_as(alice).post(CONVERSATIONS_URL)
+    assert response.status_code == 201
+    body = response.json()
+    assert (body["title"], body["system_prompt"], body["model"]) == ("", "", "")
+    assert Conversation.objects.get(id=body["id"]).owner == alice
+
+
+def test_it_creates_a_conversation_from_an_empty_json_object(alice):
+    response = client_as(alice).post(CONVERSATIONS_URL, {}, format="json")
+    assert response.status_code == 201
+    assert Conversation.objects.filter(id=response.json()["id"], owner=alice).exists()
+
+
+def test_it_shows_the_new_conversation_in_the_list(alice):
+    client = client_as(alice)
+    created = client.post(CONVERSATIONS_URL, {"title": "Fresh"}, format="json").json()
+    assert [c["id"] for c in client.get(CONVERSATIONS_URL).json()] == [created["id"]]
+
+
+def test_it_accepts_a_title_of_200_characters(alice):
+    response = client_as(alice).post(CONVERSATIONS_URL, {"title": "t" * 200}, format="json")
+    assert response.status_code == 201
+    assert response.json()["title"] == "t" * 200
+
+
+def test_it_rejects_a_title_over_200_characters(alice):
+    response = client_as(alice).post(CONVERSATIONS_URL, {"title": "t" * 201}, format="json")
+    assert response.status_code == 400
+    assert "title" in response.json()
+    assert not Conversation.objects.exists()
+
+
+def test_it_ignores_a_client_supplied_id_and_owner(alice, bob):
+    chosen = uuid.uuid4()
+    response = client_as(alice).post(
+        CONVERSATIONS_URL, {"id": str(chosen), "owner": bob.id, "title": "Mine"}, format="json"
+    )
+    assert response.status_code == 201
+    assert response.json()["id"] != str(chosen)
+    assert Conversation.objects.get(id=response.json()["id"]).owner == alice
+
+
+# --- Messages ---------------------------------------------------------------------------
+
+
+def test_it_lists_the_messages_in_position_order(alice):
+    conversation = conversation_create(owner=alice, title="Transcript")
+    answered(conversation, "What do bears eat?", "Mostly berries.")
+    answered(conversation, "And in winter?", "Nothing, they sleep.")
+    pending = message_send(conversation=conversation, content="Do they dream?")
+    response = client_as(alice).get(messages_url(conversation.id))
+    assert response.status_code == 200
+    assert [(m["role"], m["content"], m["status"]) for m in response.json()] == [
+        ("user", "What do bears eat?", "complete"),
+        ("assistant", "Mostly berries.", "complete"),
+        ("user", "And in winter?", "complete"),
+        ("assistant", "Nothing, they sleep.", "complete"),
+        ("user", "Do they dream?", "complete"),
+        ("assistant", "", "queued"),
+    ]
+    assert response.json()[-1]["job_id"] == str(pending.reply.job_id)
+
+
+def test_it_shows_the_fields_of_each_message(alice):
+    conversation = conversation_create(owner=alice, title="Fields")
+    sent = message_send(conversation=conversation, content="Hello")
+    start = reply_start(reply_id=sent.reply.id, default_model="test-model")
+    reply_complete(
+        reply_id=sent.reply.id,
+        attempt=start.attempt,
+        content="Hi!",
+        usage={"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+    )
+    question, answer = client_as(alice).get(messages_url(conversation.id)).json()
+    fields = {"id", "role", "content", "status", "job_id", "created_at", "error", "usage"}
+    assert set(question) == fields
+    assert set(answer) == fields
+    assert question["id"] == str(sent.message.id)
+    assert question["job_id"] is None
+    assert question["usage"] is None
+    assert question["error"] == ""
+    assert answer["id"] == str(sent.reply.id)
+    assert answer["job_id"] == str(sent.reply.job_id)
+    assert answer["usage"] == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    assert answer["error"] == ""
+    assert answer["created_at"]
+
+
+def test_it_shows_a_failed_reply_with_its_error(alice):
+    conversation = conversation_create(owner=alice, title="Failing")
+    sent = message_send(conversation=conversation, content="Hello")
+    start = reply_start(reply_id=sent.reply.id, default_model="test-model")
+    reply_fail(reply_id=sent.reply.id, attempt=start.attempt, error="provider refused")
+    answer = client_as(alice).get(messages_url(conversation.id)).json()[1]
+    assert (answer["status"], answer["error"], answer["usage"]) == (
+        "failed",
+        "provider refused",
+        None,
+    )
+
+
+def test_it_lists_no_messages_of_a_new_conversation(alice):
+    conversation = conversation_create(owner=alice)
+    response = client_as(alice).get(messages_url(conversation.id))
+    assert response.status_code == 200
+    assert response.json() == []
+
+
+def test_it_returns_404_for_the_messages_of_another_users_conversation(alice, bob):
+    conversation = conversation_create(owner=bob, title="Bob's secret")
+    message_send(conversation=conversation, content="bob's secret question")
+    response = client_as(alice).get(messages_url(conversation.id))
+    assert response.status_code == 404
+    assert b"secret" not in response.content
+
+
+def test_it_returns_404_for_the_messages_of_an_unknown_conversation(alice):
+    response = client_as(alice).get(messages_url(uuid.uuid4()))
+    assert response.status_code == 404
+
+
+def test_it_returns_401_for_messages_without_credentials(alice):
+    conversation = conversation_create(owner=alice)
+    response = APIClient().get(messages_url(conversation.id))
+    assert response.status_code == 401
+
+
+def test_it_lists_messages_with_the_session(alice):
+    conversation = conversation_create(owner=alice)
+    message_send(conversation=conversation, content="Over the session")
+    client = Client()
+    client.force_login(alice)
+    response = client.get(messages_url(conversation.id))
+    assert response.status_code == 200
+    assert [m["content"] for m in response.json()] == ["Over the session", ""]
+
+
+def test_it_does_not_create_messages_through_the_list(alice):
+    conversation = conversation_create(owner=alice)
+    response = client_as(alice).post(
+        messages_url(conversation.id), {"content": "sneaky"}, format="json"
+    )
+    assert response.status_code == 405
+    assert not Message.objects.exists()
