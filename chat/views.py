@@ -67,7 +67,7 @@ def conversation_detail(request: HttpRequest, conversation_id: uuid.UUID) -> Htt
         "chat/conversation_detail.html",
         {
             "conversation": conversation,
-            "messages": conversation.messages.all(),
+            "transcript": conversation.messages.all(),
             "ws_path": f"/ws/chat/{conversation.id}/",
             "demo_model": demo_mode_active(),
             "max_message_chars": settings.CHAT_MAX_MESSAGE_CHARS,
