@@ -20,7 +20,7 @@ class MessageInline(admin.TabularInline):
 class ConversationAdmin(admin.ModelAdmin):
     list_display = ["__str__", "owner", "model", "created_at", "updated_at"]
     list_filter = ["model", "created_at"]
-    search_fields = ["title", "owner__username", "messages__content"]
+    search_fields = ["owner__username", "messages__content"]
     readonly_fields = ["id", "created_at", "updated_at"]
     raw_id_fields = ["owner"]
     inlines = [MessageInline]
@@ -37,3 +37,8 @@ class MessageAdmin(admin.ModelAdmin):
     search_fields = ["content", "error", "=job_id", "conversation__owner__username"]
     readonly_fields = [f.name for f in Message._meta.fields]
     list_select_related = ["conversation"]
+
+    def has_add_permission(self, request) -> bool:  # type: ignore[no-untyped-def]
+        # Messages are written by the chat only: every field here is read-only, so the add
+        # form would save an empty row and fail on the database's constraints.
+        return False

@@ -201,7 +201,25 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return await self._error("invalid", "No such reply in this conversation.")
         self._inbox_put("resume", reply, after)
 
-    frame_handlers = {"ping": _on_ping, "message": _on_message, "resume": _on_resume}
+    async def _on_cancel(self, frame: dict[str, Any]) -> None:
+        job_id = _uuid_or_none(frame.get("job_id"))
+        if job_id is None:
+            return await self._error("invalid", "cancel needs a job_id.")
+        try:
+            reply = await reply_for_job(job_id=job_id, conversation_id=self.conversation.id)
+            if reply is None:
+                return await self._error("invalid", "No such reply in this conversation.")
+            await asyncio.wait_for(services.reply_cancel(reply=reply), REDIS_CALL_TIMEOUT)
+        except UNAVAILABLE_ERRORS:
+            logger.exception("cancel of job %s failed", job_id)
+            await self._unavailable()
+
+    frame_handlers = {
+        "ping": _on_ping,
+        "message": _on_message,
+        "resume": _on_resume,
+        "cancel": _on_cancel,
+    }
 
     async def _error(self, code: str, message: str, **extra: Any) -> None:
         await self.send_json({"type": "error", "code": code, "message": message, **extra})

@@ -56,6 +56,9 @@ class Message(models.Model):
     # Fencing token: the delivery attempt that may write this reply. A worker that stalled
     # past its lease holds an older number and its writes match no row.
     attempt = models.PositiveIntegerField(default=0)
+    # The Redis Stream entry of the job's latest delivery: if Redis reports the entry deleted
+    # while pending, this finds the reply to fail.
+    queue_entry_id = models.CharField(max_length=32, blank=True)
     model = models.CharField(max_length=100, blank=True)
     prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
     completion_tokens = models.PositiveIntegerField(null=True, blank=True)

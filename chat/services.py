@@ -1,16 +1,21 @@
 """The chat's business logic: plain functions the consumer, the API, the views and the worker
-call. They are synchronous (the ORM); async callers wrap them with database_sync_to_async.
+call. They are synchronous (the ORM), and async callers wrap them with database_sync_to_async,
+except `reply_cancel`, which mostly talks to Redis.
 """
 
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 
+from asgiref.sync import sync_to_async
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
 from django.db.models import Max
 from django.utils import timezone
 
 from chat.models import Conversation, Message
+from llmworker.redis import redis_get
+from llmworker.replies import ReplyPublisher, reply_cancel_request
 
 
 class ConversationBusy(Exception):
@@ -129,9 +134,12 @@ class ReplyStart:
     attempt: int
     model: str
     prompt: list[dict[str, str]]
+    exhausted: bool = False  # the job was delivered too many times: the reply is now failed
 
 
-def reply_start(*, reply_id: uuid.UUID | str, default_model: str) -> ReplyStart | None:
+def reply_start(
+    *, reply_id: uuid.UUID | str, default_model: str, entry_id: str = "", max_attempts: int = 0
+) -> ReplyStart | None:
     """Begin a delivery attempt of a reply. None when the reply is already finished (a
     redelivered job) or gone. The attempt number fences out writes of older attempts."""
     with transaction.atomic():
@@ -144,9 +152,18 @@ def reply_start(*, reply_id: uuid.UUID | str, default_model: str) -> ReplyStart 
         if reply is None:
             return None
         reply.attempt += 1
-        reply.status = Message.Status.STREAMING
+        reply.queue_entry_id = entry_id
         reply.model = reply.conversation.model or default_model
-        reply.save(update_fields=["attempt", "status", "model", "updated_at"])
+        exhausted = bool(max_attempts) and reply.attempt > max_attempts
+        if exhausted:
+            reply.status = Message.Status.FAILED
+            reply.error = f"The reply could not be generated after {max_attempts} attempts."
+            reply.finished_at = timezone.now()
+        else:
+            reply.status = Message.Status.STREAMING
+        reply.save()
+    if exhausted:
+        return ReplyStart(attempt=reply.attempt, model=reply.model, prompt=[], exhausted=True)
     return ReplyStart(attempt=reply.attempt, model=reply.model, prompt=reply_prompt(reply=reply))
 
 
@@ -206,3 +223,56 @@ def _reply_finish(*, reply_id: uuid.UUID | str, attempt: int, **values: object) 
         id=reply_id, attempt=attempt, status=Message.Status.STREAMING
     ).update(finished_at=now, updated_at=now, **values)
     return updated == 1
+
+
+def reply_cancel_queued(*, reply_id: uuid.UUID | str) -> bool:
+    """Cancel a reply no worker has started: the worker that reads its job later finds it
+    finished and calls no provider. False when it has started (or finished) already."""
+    now = timezone.now()
+    return (
+        Message.objects.filter(id=reply_id, status=Message.Status.QUEUED).update(
+            status=Message.Status.CANCELLED, finished_at=now, updated_at=now
+        )
+        == 1
+    )
+
+
+def replies_fail_for_entries(*, entry_ids: list[str], error: str) -> list[Message]:
+    """Fail the active replies whose queue entries Redis lost while they were pending."""
+    with transaction.atomic():
+        replies = list(
+            Message.objects.select_for_update().filter(
+                queue_entry_id__in=entry_ids, status__in=Message.ACTIVE_STATUSES
+            )
+        )
+        now = timezone.now()
+        Message.objects.filter(id__in=[r.id for r in replies]).update(
+            status=Message.Status.FAILED, error=error, finished_at=now, updated_at=now
+        )
+    return replies
+
+
+def replies_orphaned(*, live_job_ids: set[str], idle_seconds: float) -> list[Message]:
+    """Replies still queued or streaming in PostgreSQL whose job is nowhere in Redis (lost
+    with Redis's data, or never enqueued because a web process died after the commit)."""
+    quiet_since = timezone.now() - timedelta(seconds=idle_seconds)
+    candidates = Message.objects.filter(
+        role=Message.Role.ASSISTANT,
+        status__in=Message.ACTIVE_STATUSES,
+        updated_at__lt=quiet_since,
+    ).only("id", "job_id", "conversation_id")
+    return [reply for reply in candidates if str(reply.job_id) not in live_job_ids]
+
+
+async def reply_cancel(*, reply: Message) -> None:
+    """Stop a reply. A queued one is cancelled at once, before any provider call; a running
+    one is stopped by its worker, wherever it runs, which saves the partial answer."""
+    if reply.status not in Message.ACTIVE_STATUSES:
+        return
+    if await sync_to_async(reply_cancel_queued)(reply_id=reply.id):
+        publisher = ReplyPublisher(
+            job_id=str(reply.job_id), conversation_id=str(reply.conversation_id), client=redis_get()
+        )
+        await publisher.done(reply_id=str(reply.id), status="cancelled", content="", usage=None)
+        return
+    await reply_cancel_request(job_id=str(reply.job_id))

@@ -210,6 +210,17 @@ LLM_REQUEST_TIMEOUT_SECONDS = envfloat("LLM_REQUEST_TIMEOUT_SECONDS", 60.0, mini
 # How long a reply's deltas stay replayable in Redis after the reply has finished.
 LLM_REPLAY_TTL_SECONDS = envint("LLM_REPLAY_TTL_SECONDS", 300, minimum=10)
 LLM_WORKER_CONCURRENCY = envint("LLM_WORKER_CONCURRENCY", 16, minimum=1)
+# A job whose worker has not renewed its lease for this long is taken over by another worker.
+LLM_JOB_LEASE_SECONDS = envfloat("LLM_JOB_LEASE_SECONDS", 30.0, minimum=0.5)
+# Deliveries of one job (worker crashes included) before it goes to the dead-letter stream.
+LLM_MAX_ATTEMPTS = envint("LLM_MAX_ATTEMPTS", 3, minimum=1)
+# How often replies left queued or streaming with no job in Redis are put back on the queue.
+LLM_RECONCILE_SECONDS = envfloat("LLM_RECONCILE_SECONDS", 30.0, minimum=0.5)
+# Retries of a retryable provider error (connection, timeout, 429, 5xx, a broken stream)
+# within one delivery, with exponential backoff and jitter between these bounds.
+LLM_RETRY_LIMIT = envint("LLM_RETRY_LIMIT", 4)
+LLM_RETRY_BASE_SECONDS = envfloat("LLM_RETRY_BASE_SECONDS", 0.5, minimum=0.0)
+LLM_RETRY_MAX_SECONDS = envfloat("LLM_RETRY_MAX_SECONDS", 30.0, minimum=0.0)
 
 LOGGING = {
     "version": 1,

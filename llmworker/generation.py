@@ -1,22 +1,50 @@
-"""Generating one reply: prompt from PostgreSQL, tokens from the provider, frames to the
-conversation's sockets as they come, the whole answer back to PostgreSQL."""
+"""One delivery of a job: prompt from PostgreSQL, tokens from the provider, frames to the
+conversation's sockets as they come, the whole answer back to PostgreSQL.
+
+It says what the worker must do with the job's entry afterwards (`Outcome`); the worker
+loop (worker.py) does it. Exactly-once effects come from the attempt number: PostgreSQL
+and the reply's frames accept writes only from the attempt that began last.
+"""
 
 import asyncio
+import contextlib
+import enum
 import logging
+import random
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 
 from chat import services as chat_services
+from chat.services import ReplyStart
 from llmworker.jobs import Job
 from llmworker.providers import Provider, ProviderError, model_default
-from llmworker.replies import ReplyPublisher
+from llmworker.replies import ReplyPublisher, StaleAttempt
 
 logger = logging.getLogger(__name__)
 
 reply_start = sync_to_async(chat_services.reply_start)
 reply_complete = sync_to_async(chat_services.reply_complete)
 reply_fail = sync_to_async(chat_services.reply_fail)
+
+
+class Outcome(enum.Enum):
+    ACK = "ack"  # finished (or found finished): acknowledge
+    DEAD_LETTER = "dead_letter"  # failed for good: move to the dead-letter stream
+    ABANDON = "abandon"  # another delivery owns the job now: touch nothing
+
+
+@dataclass(frozen=True)
+class Result:
+    outcome: Outcome
+    reason: str = ""
+    attempts: int = 0
+
+
+class CancelledByUser(Exception):
+    pass
 
 
 class DeltaBatcher:
@@ -51,41 +79,155 @@ class DeltaBatcher:
         if self.pending:
             await self._send_pending()
 
+    def abort(self) -> None:
+        if self.sender is not None:
+            self.sender.cancel()
 
-async def reply_generate(*, job: Job, provider: Provider, publisher: ReplyPublisher) -> None:
-    """Run one delivery of a job to its end. Returns once the job may be acknowledged."""
-    start = await reply_start(reply_id=job.reply_id, default_model=model_default())
-    if start is None:
-        logger.info("job %s: reply already finished, acknowledging", job.job_id)
-        return
-    logger.info(
-        "job %s: attempt %d for conversation %s", job.job_id, start.attempt, job.conversation_id
-    )
-    parts: list[str] = []
+
+def retry_delay(retry: int, retry_after: float | None) -> float:
+    """Exponential backoff with jitter; never shorter than what the provider asked for."""
+    ceiling = min(settings.LLM_RETRY_MAX_SECONDS, settings.LLM_RETRY_BASE_SECONDS * 2**retry)
+    jittered = ceiling / 2 + random.random() * ceiling / 2
+    return max(jittered, retry_after or 0.0)
+
+
+@dataclass
+class ReplyGeneration:
+    job: Job
+    entry_id: str
+    provider: Provider
+    publisher: ReplyPublisher
+    cancel_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    parts: list[str] = field(default_factory=list)
     usage: dict[str, int] | None = None
-    batcher = DeltaBatcher(publisher.delta)
-    try:
-        async for chunk in provider.stream(messages=start.prompt, model=start.model):
-            if chunk.text:
-                parts.append(chunk.text)
-                batcher.push(chunk.text)
-            if chunk.usage is not None:
-                usage = chunk.usage
-        await batcher.flush()
-    except ProviderError as error:
-        logger.warning("job %s: provider failed: %s", job.job_id, error.message)
-        await _reply_failed(
-            job=job, attempt=start.attempt, message=error.message, publisher=publisher
+    sent_any_delta: bool = False
+
+    def cancel(self) -> None:
+        self.cancel_requested.set()
+
+    async def run(self) -> Result:
+        start = await reply_start(
+            reply_id=self.job.reply_id,
+            default_model=model_default(),
+            entry_id=self.entry_id,
+            max_attempts=settings.LLM_MAX_ATTEMPTS,
         )
-        return
-    content = "".join(parts)
-    if await reply_complete(
-        reply_id=job.reply_id, attempt=start.attempt, content=content, usage=usage
-    ):
-        await publisher.done(reply_id=job.reply_id, status="complete", content=content, usage=usage)
-        logger.info("job %s: complete, %d characters", job.job_id, len(content))
+        if start is None:
+            logger.info("job %s: reply already finished, acknowledging", self.job.job_id)
+            return Result(Outcome.ACK)
+        if start.exhausted:
+            return await self._give_up(start)
+        logger.info(
+            "job %s: attempt %d for conversation %s",
+            self.job.job_id, start.attempt, self.job.conversation_id,
+        )  # fmt: skip
+        try:
+            return await self._attempt(start)
+        except StaleAttempt:
+            logger.warning("job %s: attempt %d was superseded", self.job.job_id, start.attempt)
+            return Result(Outcome.ABANDON)
 
+    async def _attempt(self, start: ReplyStart) -> Result:
+        begun = await self.publisher.attempt_begin(start.attempt)
+        if begun.cancelled:
+            return await self._finish_cancelled(start)
+        try:
+            await self._generate_until_cancelled(start)
+        except CancelledByUser:
+            return await self._finish_cancelled(start)
+        except ProviderError as error:
+            return await self._fail(start, error.message)
+        content = "".join(self.parts)
+        if not await reply_complete(
+            reply_id=self.job.reply_id, attempt=start.attempt, content=content, usage=self.usage
+        ):
+            raise StaleAttempt()
+        await self.publisher.done(
+            reply_id=self.job.reply_id, status="complete", content=content, usage=self.usage
+        )
+        logger.info("job %s: complete, %d characters", self.job.job_id, len(content))
+        return Result(Outcome.ACK)
 
-async def _reply_failed(*, job: Job, attempt: int, message: str, publisher: ReplyPublisher) -> None:
-    if await reply_fail(reply_id=job.reply_id, attempt=attempt, error=message):
-        await publisher.error(code="llm_error", message=message)
+    async def _generate_until_cancelled(self, start: ReplyStart) -> None:
+        work = asyncio.ensure_future(self._generate_with_retries(start))
+        cancelled = asyncio.ensure_future(self.cancel_requested.wait())
+        try:
+            await asyncio.wait({work, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cancelled.cancel()
+            if not work.done():
+                # Cancelling the task closes the provider's HTTP stream: no more tokens paid.
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+        if self.cancel_requested.is_set() and work.cancelled():
+            raise CancelledByUser()
+        work.result()
+
+    async def _generate_with_retries(self, start: ReplyStart) -> None:
+        for retry in range(settings.LLM_RETRY_LIMIT + 1):
+            try:
+                return await self._stream_once(start)
+            except ProviderError as error:
+                if not error.retryable or retry == settings.LLM_RETRY_LIMIT:
+                    raise
+                delay = retry_delay(retry, error.retry_after)
+                logger.warning(
+                    "job %s: %s; retry %d in %.1fs",
+                    self.job.job_id,
+                    error.message,
+                    retry + 1,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
+    async def _stream_once(self, start: ReplyStart) -> None:
+        if self.sent_any_delta:
+            # The user saw part of an answer that broke off: tell them it starts over.
+            await self.publisher.restart()
+        self.parts.clear()
+        self.usage = None
+        batcher = DeltaBatcher(self.publisher.delta)
+        try:
+            async for chunk in self.provider.stream(messages=start.prompt, model=start.model):
+                if chunk.text:
+                    self.parts.append(chunk.text)
+                    batcher.push(chunk.text)
+                    self.sent_any_delta = True
+                if chunk.usage is not None:
+                    self.usage = chunk.usage
+            await batcher.flush()
+        finally:
+            batcher.abort()
+
+    async def _finish_cancelled(self, start: ReplyStart) -> Result:
+        content = "".join(self.parts)
+        if not await reply_complete(
+            reply_id=self.job.reply_id,
+            attempt=start.attempt,
+            content=content,
+            usage=self.usage,
+            status="cancelled",
+        ):
+            raise StaleAttempt()
+        await self.publisher.done(
+            reply_id=self.job.reply_id, status="cancelled", content=content, usage=self.usage
+        )
+        logger.info("job %s: cancelled after %d characters", self.job.job_id, len(content))
+        return Result(Outcome.ACK)
+
+    async def _fail(self, start: ReplyStart, message: str) -> Result:
+        logger.warning("job %s: failed: %s", self.job.job_id, message)
+        if not await reply_fail(reply_id=self.job.reply_id, attempt=start.attempt, error=message):
+            raise StaleAttempt()
+        await self.publisher.error(code="llm_error", message=message)
+        return Result(Outcome.DEAD_LETTER, reason=message, attempts=start.attempt)
+
+    async def _give_up(self, start: ReplyStart) -> Result:
+        reason = f"delivered {start.attempt} times, more than LLM_MAX_ATTEMPTS"
+        logger.error("job %s: %s; moving it to the dead letters", self.job.job_id, reason)
+        # reply_start has already failed the reply, under the row lock.
+        await self.publisher.error(
+            code="llm_error", message="The reply could not be generated; please try again."
+        )
+        return Result(Outcome.DEAD_LETTER, reason=reason, attempts=start.attempt)

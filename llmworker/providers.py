@@ -5,8 +5,10 @@
 """
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Protocol
 
 import openai
@@ -22,10 +24,11 @@ class Chunk:
 class ProviderError(Exception):
     """The provider could not produce a reply; `message` is safe to show to the user."""
 
-    def __init__(self, message: str, *, retryable: bool) -> None:
+    def __init__(self, message: str, *, retryable: bool, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.retryable = retryable
+        self.retry_after = retry_after  # seconds the provider asked us to wait, if it did
 
 
 class Provider(Protocol):
@@ -56,8 +59,9 @@ class OpenAIProvider:
     name = "openai"
 
     def __init__(self, *, api_key: str, base_url: str | None, timeout: float) -> None:
+        # Retries are the worker's (generation.py): it knows whether text was already sent.
         self.client = openai.AsyncOpenAI(
-            api_key=api_key, base_url=base_url, timeout=timeout, max_retries=2
+            api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0
         )
 
     async def stream(self, *, messages: list[dict[str, str]], model: str) -> AsyncIterator[Chunk]:
@@ -76,7 +80,8 @@ class OpenAIProvider:
             raise ProviderError(
                 f"The model provider refused the request ({error.status_code}): "
                 f"{_error_text(error)}",
-                retryable=error.status_code == 429 or error.status_code >= 500,
+                retryable=error.status_code in (408, 409, 429) or error.status_code >= 500,
+                retry_after=_retry_after(error.response.headers),
             ) from error
         except (openai.APIConnectionError, openai.APIResponseValidationError) as error:
             raise ProviderError(
@@ -95,6 +100,21 @@ def _chunk_from_event(event: openai.types.chat.ChatCompletionChunk) -> Chunk:
             "total_tokens": event.usage.total_tokens,
         }
     return Chunk(text=text, usage=usage)
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (moment - datetime.now(UTC)).total_seconds())
 
 
 def _error_text(error: openai.APIStatusError) -> str:

@@ -1,6 +1,10 @@
 """The job queue: one Redis Stream read by the workers through one consumer group.
 
-Web processes call `job_enqueue`; workers use `JobQueue` to read, and acknowledge jobs.
+Web processes call `job_enqueue`; workers use `JobQueue` to read, lease, acknowledge and
+dead-letter jobs. Redis delivers at least once; the worker makes the effects exactly once
+with the attempt number in PostgreSQL. Every write a worker makes to a job's entry checks,
+in the same script, that the entry is still pending under its own name: a worker that
+stalled past its lease cannot acknowledge a job another worker has taken over.
 """
 
 import logging
@@ -10,9 +14,64 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from llmworker.jobs import InvalidJob, Job
-from llmworker.redis import WORKER_GROUP, jobs_stream_key, redis_get
+from llmworker.redis import (
+    WORKER_GROUP,
+    dead_letter_key,
+    jobs_stream_key,
+    redis_get,
+    reply_cancel_key,
+)
 
 logger = logging.getLogger(__name__)
+
+_OWNED = """
+local function owned(stream, group, consumer, id)
+  local pending = redis.call('XPENDING', stream, group, id, id, 1)
+  return #pending == 1 and pending[1][2] == consumer
+end
+"""
+
+# Renews the leases of the jobs a worker runs (XCLAIM JUSTID resets the idle time without
+# counting a delivery) and reports the ones it lost, and the ones whose reply was cancelled.
+RENEW_SCRIPT = (
+    _OWNED
+    + """
+local lost, cancelled = {}, {}
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  if owned(KEYS[1], ARGV[1], ARGV[2], id) then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID')
+    if redis.call('EXISTS', KEYS[i - 1]) == 1 then table.insert(cancelled, id) end
+  else
+    table.insert(lost, id)
+  end
+end
+return {lost, cancelled}
+"""
+)
+
+ACK_SCRIPT = (
+    _OWNED
+    + """
+if not owned(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XDEL', KEYS[1], ARGV[3])
+return 1
+"""
+)
+
+DEAD_LETTER_SCRIPT = (
+    _OWNED
+    + """
+if not owned(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
+local fields = {}
+for i = 4, #ARGV do table.insert(fields, ARGV[i]) end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', 10000, '*', unpack(fields))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XDEL', KEYS[1], ARGV[3])
+return 1
+"""
+)
 
 
 async def job_enqueue(*, job: Job) -> str:
@@ -20,10 +79,29 @@ async def job_enqueue(*, job: Job) -> str:
     return await redis_get().xadd(jobs_stream_key(), job.to_fields())
 
 
+async def jobs_live() -> set[str]:
+    """The ids of the jobs on the stream, delivered or not. Acknowledged entries are
+    deleted, so the stream holds just the work not yet done."""
+    entries = await redis_get().xrange(jobs_stream_key())
+    return {fields.get("job_id", "") for _, fields in entries}
+
+
 @dataclass(frozen=True)
 class Delivery:
     entry_id: str
-    job: Job | None  # None when the entry is malformed: it is acknowledged and dropped
+    job: Job | None  # None when the entry is malformed: it is dead-lettered
+
+
+@dataclass(frozen=True)
+class Reclaimed:
+    deliveries: list[Delivery]
+    deleted_ids: list[str]  # pending entries that Redis no longer has
+
+
+@dataclass(frozen=True)
+class LeaseReport:
+    lost: list[str]
+    cancelled: list[str]
 
 
 class JobQueue:
@@ -31,10 +109,13 @@ class JobQueue:
         self.consumer = consumer
         self.redis = client or redis_get()
         self.stream = jobs_stream_key()
+        self.renew_script = self.redis.register_script(RENEW_SCRIPT)
+        self.ack_script = self.redis.register_script(ACK_SCRIPT)
+        self.dead_letter_script = self.redis.register_script(DEAD_LETTER_SCRIPT)
 
     async def group_ensure(self) -> None:
-        """Create the stream and the group if missing. "0" so that a group recreated after
-        Redis lost its data still sees any entry written since."""
+        """Create the stream and the group if missing. From "0", so that a group recreated
+        after Redis lost its data still sees any entry written since."""
         try:
             await self.redis.xgroup_create(self.stream, WORKER_GROUP, id="0", mkstream=True)
         except ResponseError as error:
@@ -44,11 +125,10 @@ class JobQueue:
     async def read(self, *, count: int, block_ms: int, own_pending: bool = False) -> list[Delivery]:
         """Read new jobs, blocking up to block_ms; with own_pending, re-read the jobs this
         consumer name was given before and never acknowledged (a restart under one name)."""
-        start = "0" if own_pending else ">"
         reply = await self.redis.xreadgroup(
             WORKER_GROUP,
             self.consumer,
-            {self.stream: start},
+            {self.stream: "0" if own_pending else ">"},
             count=count,
             block=None if own_pending else block_ms,
         )
@@ -56,19 +136,63 @@ class JobQueue:
             self._delivery(entry_id, data)
             for _, entries in reply or []
             for entry_id, data in entries
+            if data  # an own pending entry since deleted comes back without fields
         ]
 
-    def _delivery(self, entry_id: str, data: dict[str, str] | None) -> Delivery:
+    def _delivery(self, entry_id: str, data: dict[str, str]) -> Delivery:
         try:
-            return Delivery(entry_id, Job.from_fields(data or {}))
+            return Delivery(entry_id, Job.from_fields(data))
         except InvalidJob:
-            logger.error("dropping malformed job entry %s: %r", entry_id, data)
+            logger.error("malformed job entry %s: %r", entry_id, data)
             return Delivery(entry_id, None)
 
-    async def ack(self, entry_id: str) -> None:
-        # Deleting the acknowledged entry keeps the stream as long as the work in flight,
+    async def reclaim(self, *, min_idle_ms: int, count: int) -> Reclaimed:
+        """Take over up to `count` jobs whose workers stopped renewing their lease, following
+        XAUTOCLAIM's cursor to the end of the pending list."""
+        cursor, deliveries, deleted = "0-0", [], []
+        while len(deliveries) < count:
+            cursor, entries, gone = await self.redis.xautoclaim(
+                self.stream, WORKER_GROUP, self.consumer, min_idle_ms, cursor,
+                count=count - len(deliveries),
+            )  # fmt: skip
+            deliveries += [self._delivery(entry_id, data) for entry_id, data in entries if data]
+            deleted += gone
+            if cursor == "0-0":
+                break
+        return Reclaimed(deliveries, deleted)
+
+    async def renew(self, *, deliveries: list[Delivery]) -> LeaseReport:
+        if not deliveries:
+            return LeaseReport([], [])
+        lost, cancelled = await self.renew_script(
+            keys=[
+                self.stream,
+                *(reply_cancel_key(d.job.job_id if d.job else "") for d in deliveries),
+            ],
+            args=[WORKER_GROUP, self.consumer, *(d.entry_id for d in deliveries)],
+        )
+        return LeaseReport(list(lost), list(cancelled))
+
+    async def ack(self, entry_id: str) -> bool:
+        # Deleting the acknowledged entry keeps the stream as long as the work not yet done,
         # without MAXLEN trimming, which could drop entries still pending.
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self.stream, WORKER_GROUP, entry_id)
-            pipe.xdel(self.stream, entry_id)
-            await pipe.execute()
+        return bool(
+            await self.ack_script(keys=[self.stream], args=[WORKER_GROUP, self.consumer, entry_id])
+        )
+
+    async def dead_letter(self, delivery: Delivery, *, reason: str, attempts: int) -> bool:
+        """Move a job to the dead-letter stream and acknowledge it, in one step."""
+        fields = {
+            **(delivery.job.to_fields() if delivery.job else {}),
+            "entry_id": delivery.entry_id,
+            "reason": reason,
+            "attempts": str(attempts),
+            "worker": self.consumer,
+        }
+        flat = [part for pair in fields.items() for part in pair]
+        return bool(
+            await self.dead_letter_script(
+                keys=[self.stream, dead_letter_key()],
+                args=[WORKER_GROUP, self.consumer, delivery.entry_id, *flat],
+            )
+        )

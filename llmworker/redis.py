@@ -57,8 +57,28 @@ def jobs_stream_key() -> str:
     return key("jobs")
 
 
+def dead_letter_key() -> str:
+    return key("jobs", "dead")
+
+
 def reply_log_key(job_id: str) -> str:
     return key("reply", job_id, "log")
+
+
+def reply_attempt_key(job_id: str) -> str:
+    return key("reply", job_id, "attempt")
+
+
+def reply_cancel_key(job_id: str) -> str:
+    return key("reply", job_id, "cancel")
+
+
+def cancel_channel() -> str:
+    return key("cancel")
+
+
+def reconciler_lock_key() -> str:
+    return key("reconciler")
 
 
 def conversation_channel(conversation_id: str) -> str:

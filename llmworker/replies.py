@@ -14,19 +14,31 @@ import json
 import logging
 import random
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from django.conf import settings
 from redis.exceptions import RedisError
 
-from llmworker.redis import conversation_channel, redis_get, redis_pubsub_client, reply_log_key
+from llmworker.redis import (
+    cancel_channel,
+    conversation_channel,
+    redis_get,
+    redis_pubsub_client,
+    reply_attempt_key,
+    reply_cancel_key,
+    reply_log_key,
+)
 
 logger = logging.getLogger(__name__)
 
 # The frame is built as head + '"seq":N,' + tail, so the script needs no JSON library and
 # the seq is assigned where the frame is appended: log order and seq order always agree.
+# A frame of an attempt that is no longer the current one (its worker stalled past its
+# lease and another took over) is refused: -1.
 EMIT_SCRIPT = """
+if ARGV[5] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[5] then return -1 end
 local seq = redis.call('XLEN', KEYS[1]) + 1
 local frame = ARGV[2] .. '"seq":' .. seq .. ',' .. ARGV[3]
 redis.call('XADD', KEYS[1], '*', 'f', frame)
@@ -35,8 +47,27 @@ redis.call('PUBLISH', ARGV[1], frame)
 return seq
 """
 
+# Makes an attempt the current one, unless a newer one already is; tells whether the reply
+# was cancelled meanwhile and how many frames earlier attempts left in the log.
+ATTEMPT_BEGIN_SCRIPT = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if current >= tonumber(ARGV[1]) then return {-1, 0} end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return {redis.call('EXISTS', KEYS[2]), redis.call('XLEN', KEYS[3])}
+"""
+
 # While a reply is running its log must outlive any pause in generation.
 RUNNING_LOG_TTL_SECONDS = 3600
+CANCEL_TTL_SECONDS = 3600
+
+
+class StaleAttempt(Exception):
+    """Another delivery of the job has taken over; this one must stop writing."""
+
+
+@dataclass(frozen=True)
+class AttemptStart:
+    cancelled: bool
 
 
 def _frame_parts(kind: str, job_id: str, **body: Any) -> tuple[str, str]:
@@ -46,18 +77,49 @@ def _frame_parts(kind: str, job_id: str, **body: Any) -> tuple[str, str]:
 
 
 class ReplyPublisher:
-    """The worker's side: emits the frames of one reply."""
+    """Emits the frames of one reply. A worker's publisher is fenced by its attempt number;
+    the web's (a queued reply cancelled before any worker took it) is not."""
 
-    def __init__(self, *, job_id: str, conversation_id: str, client: aioredis.Redis) -> None:
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        conversation_id: str,
+        client: aioredis.Redis,
+        attempt: int | None = None,
+    ) -> None:
         self.job_id = job_id
         self.channel = conversation_channel(conversation_id)
         self.log_key = reply_log_key(job_id)
+        self.attempt_key = reply_attempt_key(job_id)
+        self.attempt = attempt
         self.redis = client
         self.script = client.register_script(EMIT_SCRIPT)
 
+    async def attempt_begin(self, attempt: int) -> AttemptStart:
+        script = self.redis.register_script(ATTEMPT_BEGIN_SCRIPT)
+        cancelled, earlier_frames = await script(
+            keys=[self.attempt_key, reply_cancel_key(self.job_id), self.log_key],
+            args=[attempt, RUNNING_LOG_TTL_SECONDS],
+        )
+        if cancelled == -1:
+            raise StaleAttempt()
+        self.attempt = attempt
+        if earlier_frames and not cancelled:
+            await self.restart()
+        return AttemptStart(cancelled=bool(cancelled))
+
     async def _emit(self, kind: str, *, ttl: int = RUNNING_LOG_TTL_SECONDS, **body: Any) -> int:
         head, tail = _frame_parts(kind, self.job_id, **body)
-        return int(await self.script(keys=[self.log_key], args=[self.channel, head, tail, ttl]))
+        fence = "" if self.attempt is None else str(self.attempt)
+        seq = int(
+            await self.script(
+                keys=[self.log_key, self.attempt_key], args=[self.channel, head, tail, ttl, fence]
+            )
+        )
+        if seq < 0:
+            raise StaleAttempt()
+        return seq
 
     async def delta(self, content: str) -> int:
         return await self._emit("delta", content=content)
@@ -81,6 +143,16 @@ class ReplyPublisher:
         return await self._emit(
             "error", ttl=settings.LLM_REPLAY_TTL_SECONDS, code=code, message=message
         )
+
+
+async def reply_cancel_request(*, job_id: str) -> None:
+    """Ask whichever worker runs the job to stop it. The key outlives the message, so a
+    worker that takes the job over later (or missed the message) sees it too."""
+    client = redis_get()
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.set(reply_cancel_key(job_id), "1", ex=CANCEL_TTL_SECONDS)
+        pipe.publish(cancel_channel(), job_id)
+        await pipe.execute()
 
 
 async def reply_replay(*, job_id: str, after: int) -> list[str]:

@@ -1,23 +1,58 @@
 """The worker loop: reads jobs from the stream and runs many of them at once on one event
-loop (the provider calls are I/O-bound). It owns concurrency, shutdown and failures; what
-happens to one job lives in generation.py."""
+loop (the provider calls are I/O-bound). It owns concurrency, leases, takeovers, cancels,
+the reconciler, shutdown and failures; what happens to one job lives in generation.py."""
 
 import asyncio
+import contextlib
 import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.db import close_old_connections
+from redis.exceptions import RedisError, ResponseError
 
-from llmworker.generation import reply_generate
+from chat import services as chat_services
+from llmworker.faults import fault_point
+from llmworker.generation import Outcome, ReplyGeneration
 from llmworker.jobs import Job
 from llmworker.providers import Provider, provider_get
-from llmworker.queue import Delivery, JobQueue
-from llmworker.redis import redis_get
+from llmworker.queue import Delivery, JobQueue, job_enqueue, jobs_live
+from llmworker.redis import cancel_channel, reconciler_lock_key, redis_get, redis_pubsub_client
 from llmworker.replies import ReplyPublisher
 
 logger = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 5000
+TRANSIENT_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+
+replies_fail_for_entries = sync_to_async(chat_services.replies_fail_for_entries)
+replies_orphaned = sync_to_async(chat_services.replies_orphaned)
+
+
+@dataclass
+class RunningJob:
+    delivery: Delivery
+    task: asyncio.Task[None]
+    generation: ReplyGeneration | None = None
+
+
+class Backoff:
+    """Exponential waits after consecutive failures, so that a dependency that is down
+    produces one log line every few seconds, not a hot loop."""
+
+    def __init__(self, *, first: float = 0.2, most: float = 10.0) -> None:
+        self.first, self.most, self.failures = first, most, 0
+
+    def next_delay(self) -> float:
+        self.failures += 1
+        delay = min(self.most, self.first * 2 ** (self.failures - 1))
+        return delay / 2 + random.random() * delay / 2
+
+    def reset(self) -> None:
+        self.failures = 0
 
 
 class Worker:
@@ -29,34 +64,72 @@ class Worker:
         self.grace = grace
         self.provider = provider or provider_get()
         self.queue = JobQueue(consumer=name)
-        self.running: set[asyncio.Task[None]] = set()
+        self.running: dict[str, RunningJob] = {}
         self.shutdown = asyncio.Event()
+        self.lease = settings.LLM_JOB_LEASE_SECONDS
+        self.read_backoff = Backoff(first=0.5)
+
+    # The loop
 
     async def run(self) -> None:
         logger.info(
             "worker %s: started, concurrency %d, provider %s",
-            self.name,
-            self.concurrency,
-            self.provider.name,
-        )
-        await self.queue.group_ensure()
+            self.name, self.concurrency, self.provider.name,
+        )  # fmt: skip
+        await self._group_ensure()
         logger.info("worker %s: ready", self.name)
-        # Jobs this name was given before a restart and never acknowledged come first.
+        chores = [
+            asyncio.create_task(self._every(self.lease / 3, self._leases_renew)),
+            asyncio.create_task(self._every(self.lease / 2, self._jobs_reclaim)),
+            asyncio.create_task(self._every(settings.LLM_RECONCILE_SECONDS, self._reconcile)),
+            asyncio.create_task(self._cancels_listen()),
+        ]
         self._start_jobs(
             await self.queue.read(count=self.concurrency, block_ms=0, own_pending=True)
         )
         while not self.shutdown.is_set():
             await self._step()
+        for chore in chores:
+            chore.cancel()
+        await asyncio.gather(*chores, return_exceptions=True)
         await self._drain()
         logger.info("worker %s: stopped", self.name)
+
+    async def _group_ensure(self) -> None:
+        backoff = Backoff()
+        while not self.shutdown.is_set():
+            try:
+                return await self.queue.group_ensure()
+            except TRANSIENT_ERRORS as error:
+                delay = backoff.next_delay()
+                logger.warning(
+                    "worker %s: Redis unavailable (%s); retry in %.1fs", self.name, error, delay
+                )
+                await self._pause(delay)
 
     async def _step(self) -> None:
         free = self.concurrency - len(self.running)
         if free == 0:
-            await asyncio.wait(self.running, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                [job.task for job in self.running.values()], return_when=asyncio.FIRST_COMPLETED
+            )
             return
-        deliveries = await self._read_until_shutdown(free)
-        self._start_jobs(deliveries)
+        try:
+            self._start_jobs(await self._read_until_shutdown(free))
+            self.read_backoff.reset()
+        except ResponseError as error:
+            if "NOGROUP" not in str(error):
+                raise
+            # Redis lost the stream and the group (a restart without persistence, FLUSHALL).
+            logger.warning("worker %s: the job stream is gone; recreating it", self.name)
+            await self._pause(self.read_backoff.next_delay())
+            await self._group_ensure()
+        except TRANSIENT_ERRORS as error:
+            delay = self.read_backoff.next_delay()
+            logger.warning(
+                "worker %s: cannot read jobs (%s); retry in %.1fs", self.name, error, delay
+            )
+            await self._pause(delay)
 
     async def _read_until_shutdown(self, count: int) -> list[Delivery]:
         read = asyncio.ensure_future(self.queue.read(count=count, block_ms=READ_BLOCK_MS))
@@ -64,44 +137,164 @@ class Worker:
         await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
         if not read.done():
-            # An entry delivered to a cancelled read stays pending under this name and is
-            # read again when a worker of this name restarts.
+            # An entry delivered to a cancelled read stays pending under this name: it is read
+            # again when a worker of this name restarts, or taken over after its lease.
             read.cancel()
             return []
         return read.result()
 
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake at once on shutdown."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.shutdown.wait(), seconds)
+
+    async def _every(self, seconds: float, chore: Callable[[], Awaitable[None]]) -> None:
+        while not self.shutdown.is_set():
+            await self._pause(seconds * (0.8 + random.random() * 0.4))
+            try:
+                await chore()
+            except TRANSIENT_ERRORS as error:
+                logger.warning("worker %s: %s failed: %s", self.name, chore.__name__, error)
+            except Exception:
+                logger.exception("worker %s: %s failed", self.name, chore.__name__)
+
+    # One job
+
     def _start_jobs(self, deliveries: list[Delivery]) -> None:
         for delivery in deliveries:
+            if delivery.entry_id in self.running:
+                continue
             task = asyncio.create_task(self._run_job(delivery), name=f"job-{delivery.entry_id}")
-            self.running.add(task)
-            task.add_done_callback(self.running.discard)
+            self.running[delivery.entry_id] = RunningJob(delivery, task)
+            task.add_done_callback(lambda _, entry_id=delivery.entry_id: self._forget(entry_id))
+
+    def _forget(self, entry_id: str) -> None:
+        self.running.pop(entry_id, None)
 
     async def _run_job(self, delivery: Delivery) -> None:
-        if delivery.job is not None:
-            try:
-                await self._generate(delivery.job)
-            except Exception:
-                # Left unacknowledged: the job stays pending for a later delivery.
-                logger.exception("job %s: failed unexpectedly", delivery.job.job_id)
-                return
-        await self.queue.ack(delivery.entry_id)
-
-    async def _generate(self, job: Job) -> None:
-        publisher = ReplyPublisher(
-            job_id=job.job_id, conversation_id=job.conversation_id, client=redis_get()
+        if delivery.job is None:
+            await self.queue.dead_letter(delivery, reason="malformed job entry", attempts=0)
+            return
+        generation = ReplyGeneration(
+            job=delivery.job,
+            entry_id=delivery.entry_id,
+            provider=self.provider,
+            publisher=self._publisher(delivery.job),
         )
+        self.running[delivery.entry_id].generation = generation
         try:
-            await reply_generate(job=job, provider=self.provider, publisher=publisher)
+            result = await generation.run()
+        except Exception:
+            # Left pending: another delivery takes it over once the lease has passed.
+            logger.exception("job %s: failed unexpectedly", delivery.job.job_id)
+            return
         finally:
             await sync_to_async(close_old_connections)()
+        if result.outcome is Outcome.ACK:
+            fault_point("after_commit_before_ack")
+            await self.queue.ack(delivery.entry_id)
+        elif result.outcome is Outcome.DEAD_LETTER:
+            await self.queue.dead_letter(delivery, reason=result.reason, attempts=result.attempts)
+
+    def _publisher(self, job: Job) -> ReplyPublisher:
+        return ReplyPublisher(
+            job_id=job.job_id, conversation_id=job.conversation_id, client=redis_get()
+        )
+
+    # Chores
+
+    async def _leases_renew(self) -> None:
+        report = await self.queue.renew(deliveries=[job.delivery for job in self.running.values()])
+        for entry_id in report.lost:
+            job = self.running.get(entry_id)
+            if job is not None:
+                logger.warning(
+                    "worker %s: lost the lease of %s; abandoning it", self.name, entry_id
+                )
+                job.task.cancel()
+        for entry_id in report.cancelled:
+            self._cancel(self.running.get(entry_id))
+
+    async def _jobs_reclaim(self) -> None:
+        free = self.concurrency - len(self.running)
+        if free <= 0:
+            return
+        reclaimed = await self.queue.reclaim(min_idle_ms=int(self.lease * 1000), count=free)
+        if reclaimed.deliveries:
+            logger.info("worker %s: took over %d jobs", self.name, len(reclaimed.deliveries))
+        self._start_jobs(reclaimed.deliveries)
+        if reclaimed.deleted_ids:
+            await self._fail_deleted_entries(reclaimed.deleted_ids)
+
+    async def _fail_deleted_entries(self, entry_ids: list[str]) -> None:
+        message = "The reply's job was lost by the queue; please send your message again."
+        for reply in await replies_fail_for_entries(entry_ids=entry_ids, error=message):
+            logger.error("job %s: its queue entry was deleted while pending", reply.job_id)
+            publisher = ReplyPublisher(
+                job_id=str(reply.job_id),
+                conversation_id=str(reply.conversation_id),
+                client=redis_get(),
+            )
+            await publisher.error(code="llm_error", message=message)
+
+    async def _reconcile(self) -> None:
+        """Put back on the queue the replies PostgreSQL has as unfinished but Redis has no
+        job for. One worker at a time does it; a job enqueued twice is harmless (the second
+        delivery finds the reply finished)."""
+        lock_ms = int(settings.LLM_RECONCILE_SECONDS * 900)
+        if not await redis_get().set(reconciler_lock_key(), self.name, nx=True, px=lock_ms):
+            return
+        live = await jobs_live()
+        orphans = await replies_orphaned(
+            live_job_ids=live, idle_seconds=settings.LLM_RECONCILE_SECONDS
+        )
+        for reply in orphans:
+            job = Job(
+                job_id=str(reply.job_id),
+                reply_id=str(reply.id),
+                conversation_id=str(reply.conversation_id),
+            )
+            await job_enqueue(job=job)
+            logger.warning("job %s: found without a queue entry; enqueued again", job.job_id)
+
+    async def _cancels_listen(self) -> None:
+        backoff = Backoff()
+        while not self.shutdown.is_set():
+            pubsub = redis_pubsub_client().pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(cancel_channel())
+                backoff.reset()
+                while True:
+                    message = await pubsub.get_message(timeout=30)
+                    if message is not None:
+                        self._cancel_job(message["data"])
+            except TRANSIENT_ERRORS as error:
+                # Cancels missed meanwhile are found by the lease renewal (the cancel key).
+                delay = backoff.next_delay()
+                logger.warning("worker %s: cancel channel lost (%s)", self.name, error)
+                await self._pause(delay)
+            finally:
+                await pubsub.aclose()
+
+    def _cancel_job(self, job_id: str) -> None:
+        for job in list(self.running.values()):
+            if job.delivery.job is not None and job.delivery.job.job_id == job_id:
+                self._cancel(job)
+
+    def _cancel(self, job: RunningJob | None) -> None:
+        if job is not None and job.generation is not None:
+            job.generation.cancel()
+
+    # Shutdown
 
     async def _drain(self) -> None:
         if not self.running:
             return
-        logger.info(
-            "worker %s: waiting up to %ss for %d jobs", self.name, self.grace, len(self.running)
-        )
-        _, unfinished = await asyncio.wait(self.running, timeout=self.grace)
+        tasks = [job.task for job in self.running.values()]
+        logger.info("worker %s: waiting up to %ss for %d jobs", self.name, self.grace, len(tasks))
+        _, unfinished = await asyncio.wait(tasks, timeout=self.grace)
         for task in unfinished:
             task.cancel()
         await asyncio.gather(*unfinished, return_exceptions=True)
+        if unfinished:
+            logger.info("worker %s: left %d jobs for other workers", self.name, len(unfinished))
