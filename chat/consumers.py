@@ -2,6 +2,7 @@
 services, and relays the frames of replies to the browser in seq order."""
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
@@ -46,11 +47,19 @@ def _uuid_or_none(value: object) -> uuid.UUID | None:
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
+    # Not on the Channels layer: reply frames come through the ReplyHub (llmworker/replies.py),
+    # one pub/sub connection per process with a replay log behind it. A layer receive loop
+    # per socket would add nothing, and a Redis blip in it would end every socket.
+    channel_layer_alias = "none"
     conversation: Conversation | None = None
 
     async def connect(self) -> None:
+        self.socket_id = uuid.uuid4().hex  # tells this socket's announcements from others'
         self.seen_seq: dict[str, int] = {}
         self.finished_jobs: set[str] = set()
+        # The reply running when the socket opened: the client says from where it wants its
+        # frames (resume); until then only its final frame is sent, which holds everything.
+        self.awaiting_resume: set[str] = set()
         self.inbox: deque[tuple[Any, ...]] = deque()
         self.inbox_drainer: asyncio.Task[None] | None = None
         if not self.scope["user"].is_authenticated:
@@ -87,21 +96,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             reply_hub_get().join(conversation_id=str(conversation.id), listener=self),
             REDIS_CALL_TIMEOUT,
         )
-        await self.channel_layer.group_add(self._group, self.channel_name)
-
-    @property
-    def _group(self) -> str:
-        assert self.conversation is not None
-        return f"conversation.{self.conversation.id}"
 
     async def disconnect(self, code: int) -> None:
         if self.conversation is None:
             return
-        try:
+        # On failure the hub drops the subscription when it reconnects.
+        with contextlib.suppress(*UNAVAILABLE_ERRORS):
             await reply_hub_get().leave(conversation_id=str(self.conversation.id), listener=self)
-            await self.channel_layer.group_discard(self._group, self.channel_name)
-        except UNAVAILABLE_ERRORS:
-            pass  # the group membership expires by itself
         if self.inbox_drainer is not None:
             self.inbox_drainer.cancel()
 
@@ -153,43 +154,39 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return await self._unavailable()
         job_id = str(sent.reply.job_id)
         self.seen_seq.setdefault(job_id, 0)
-        if sent.created and not await self._enqueue(sent):
-            return await self._unavailable()
         queued = {
             "type": "queued",
             "job_id": job_id,
             "message_id": str(sent.message.id),
             "reply_id": str(sent.reply.id),
         }
+        if sent.created and not await self._enqueue(sent, queued):
+            return await self._unavailable()
         await self.send_json(queued)
-        if sent.created:
-            await self._tell_other_tabs(queued, content)
 
-    async def _enqueue(self, sent: services.SentMessage) -> bool:
+    async def _enqueue(self, sent: services.SentMessage, queued: dict[str, str]) -> bool:
         job = Job(
             job_id=str(sent.reply.job_id),
             reply_id=str(sent.reply.id),
             conversation_id=str(sent.reply.conversation_id),
         )
+        # Other sockets on the conversation learn of the message on the channel its reply
+        # frames will follow, so they always see the message before its answer.
+        announcement = {
+            **queued,
+            "type": "user_message",
+            "content": sent.message.content,
+            "origin": self.socket_id,
+        }
         try:
-            await asyncio.wait_for(job_enqueue(job=job), REDIS_CALL_TIMEOUT)
+            await asyncio.wait_for(
+                job_enqueue(job=job, announcement=json.dumps(announcement)), REDIS_CALL_TIMEOUT
+            )
             return True
         except UNAVAILABLE_ERRORS:
             logger.exception("job %s not queued: Redis error", job.job_id)
             await message_retract(sent=sent)
             return False
-
-    async def _tell_other_tabs(self, queued: dict[str, str], content: str) -> None:
-        event = {
-            **queued,
-            "type": "chat.user_message",
-            "content": content,
-            "sender": self.channel_name,
-        }
-        try:
-            await self.channel_layer.group_send(self._group, event)
-        except UNAVAILABLE_ERRORS:
-            logger.warning("could not tell other tabs of message %s", queued["message_id"])
 
     async def _on_resume(self, frame: dict[str, Any]) -> None:
         job_id = _uuid_or_none(frame.get("job_id"))
@@ -227,15 +224,6 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def _unavailable(self) -> None:
         await self._error("unavailable", "Server busy, please retry your request.")
 
-    # Server → client: frames of other tabs' messages (Channels layer)
-
-    async def chat_user_message(self, event: dict[str, Any]) -> None:
-        if event["sender"] == self.channel_name:
-            return
-        frame = {k: v for k, v in event.items() if k not in ("type", "sender")}
-        self.seen_seq.setdefault(frame["job_id"], 0)
-        await self.send_json({"type": "user_message", **frame})
-
     # Server → client: frames of replies (ReplyHub), delivered in seq order by one task
 
     def reply_frame_received(self, frame: dict[str, Any], raw: str) -> None:
@@ -263,7 +251,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 logger.warning("could not replay reply frames; the client may resume later")
 
     async def _relay(self, frame: dict[str, Any], raw: str) -> None:
+        if frame["type"] == "user_message":
+            return await self._relay_user_message(frame)
         job_id, seq = frame["job_id"], frame["seq"]
+        if job_id in self.awaiting_resume:
+            if frame["type"] in ("done", "error"):
+                await self.send(text_data=raw)
+                self._mark_seen(job_id, seq, frame["type"])
+            return
         seen = self.seen_seq.get(job_id, 0)
         if seq > seen + 1:
             # Frames this socket never got (it joined mid-reply, or pub/sub dropped some):
@@ -272,6 +267,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if seq > seen:
             await self.send(text_data=raw)
             self._mark_seen(job_id, seq, frame["type"])
+
+    async def _relay_user_message(self, frame: dict[str, Any]) -> None:
+        if frame.pop("origin") != self.socket_id:
+            self.seen_seq.setdefault(frame["job_id"], 0)
+            await self.send_json(frame)
 
     async def _replay(self, job_id: str, *, after: int) -> int:
         for raw in await reply_replay(job_id=job_id, after=after):
@@ -287,6 +287,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def _resume(self, reply: Message, after: int) -> None:
         job_id = str(reply.job_id)
+        self.awaiting_resume.discard(job_id)
         seen = max(after, self.seen_seq.get(job_id, 0))
         self.seen_seq[job_id] = seen
         if job_id in self.finished_jobs:
@@ -315,5 +316,5 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         active = await conversation_active_job(conversation_id=self.conversation.id)
         jobs = {job for job in self.seen_seq if job not in self.finished_jobs}
         jobs.update([active] if active else [])
-        for job_id in jobs:
+        for job_id in jobs - self.awaiting_resume:
             await self._replay(job_id, after=self.seen_seq.get(job_id, 0))

@@ -113,8 +113,7 @@ class ReplyGeneration:
             max_attempts=settings.LLM_MAX_ATTEMPTS,
         )
         if start is None:
-            logger.info("job %s: reply already finished, acknowledging", self.job.job_id)
-            return Result(Outcome.ACK)
+            return Result(Outcome.ACK, reason="reply already finished")
         if start.exhausted:
             return await self._give_up(start)
         logger.info(

@@ -16,6 +16,7 @@ from redis.exceptions import ResponseError
 from llmworker.jobs import InvalidJob, Job
 from llmworker.redis import (
     WORKER_GROUP,
+    conversation_channel,
     dead_letter_key,
     jobs_stream_key,
     redis_get,
@@ -74,9 +75,17 @@ return 1
 )
 
 
-async def job_enqueue(*, job: Job) -> str:
-    """Put a job on the stream. Call it only once the rows it names are committed."""
-    return await redis_get().xadd(jobs_stream_key(), job.to_fields())
+async def job_enqueue(*, job: Job, announcement: str | None = None) -> str:
+    """Put a job on the stream. Call it only once the rows it names are committed.
+
+    `announcement`, a frame for the conversation's sockets, is published in the same
+    transaction, just before any frame of the job's reply can be."""
+    async with redis_get().pipeline(transaction=True) as pipe:
+        if announcement is not None:
+            pipe.publish(conversation_channel(job.conversation_id), announcement)
+        pipe.xadd(jobs_stream_key(), job.to_fields())
+        *_, entry_id = await pipe.execute()
+    return entry_id
 
 
 async def jobs_live() -> set[str]:

@@ -33,14 +33,14 @@ from llmworker.redis import (
 
 logger = logging.getLogger(__name__)
 
-# The frame is built as head + '"seq":N,' + tail, so the script needs no JSON library and
+# The frame is built as head + N + tail, so the script needs no JSON library and
 # the seq is assigned where the frame is appended: log order and seq order always agree.
 # A frame of an attempt that is no longer the current one (its worker stalled past its
 # lease and another took over) is refused: -1.
 EMIT_SCRIPT = """
 if ARGV[5] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[5] then return -1 end
 local seq = redis.call('XLEN', KEYS[1]) + 1
-local frame = ARGV[2] .. '"seq":' .. seq .. ',' .. ARGV[3]
+local frame = ARGV[2] .. seq .. ARGV[3]
 redis.call('XADD', KEYS[1], '*', 'f', frame)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('PUBLISH', ARGV[1], frame)
@@ -71,8 +71,9 @@ class AttemptStart:
 
 
 def _frame_parts(kind: str, job_id: str, **body: Any) -> tuple[str, str]:
-    head = '{"type":' + json.dumps(kind) + ',"job_id":' + json.dumps(job_id) + ","
-    tail = json.dumps(body, separators=(",", ":"))[1:]  # without its opening brace
+    """The JSON text of a frame before and after its seq number."""
+    head = '{"type":' + json.dumps(kind) + ',"job_id":' + json.dumps(job_id) + ',"seq":'
+    tail = "," + json.dumps(body, separators=(",", ":"))[1:] if body else "}"
     return head, tail
 
 
@@ -221,7 +222,7 @@ class ReplyHub:
                 await self._reconnect()
                 continue
             if message is not None:
-                self._dispatch(message)
+                self._dispatch_safely(message)
 
     async def _reconnect(self) -> None:
         with contextlib.suppress(RedisError, OSError):
@@ -240,6 +241,13 @@ class ReplyHub:
 
     def _listeners_of(self, channels: Iterable[str]) -> list[ReplyListener]:
         return [listener for channel in channels for listener in self.listeners.get(channel, ())]
+
+    def _dispatch_safely(self, message: dict[str, Any]) -> None:
+        # One bad message must not stop the reader: every socket of the process depends on it.
+        try:
+            self._dispatch(message)
+        except Exception:
+            logger.exception("reply hub could not dispatch %r", message)
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         channel = message["channel"]

@@ -32,6 +32,11 @@ replies_fail_for_entries = sync_to_async(chat_services.replies_fail_for_entries)
 replies_orphaned = sync_to_async(chat_services.replies_orphaned)
 
 
+def _means_stream_gone(error: ResponseError) -> bool:
+    # NOGROUP: the group is missing; UNBLOCKED: the stream was deleted under a blocked read.
+    return str(error).startswith(("NOGROUP", "UNBLOCKED"))
+
+
 @dataclass
 class RunningJob:
     delivery: Delivery
@@ -118,18 +123,22 @@ class Worker:
             self._start_jobs(await self._read_until_shutdown(free))
             self.read_backoff.reset()
         except ResponseError as error:
-            if "NOGROUP" not in str(error):
-                raise
+            await self._read_failed(error, stream_gone=_means_stream_gone(error))
+        except TRANSIENT_ERRORS as error:
+            await self._read_failed(error, stream_gone=False)
+
+    async def _read_failed(self, error: Exception, *, stream_gone: bool) -> None:
+        delay = self.read_backoff.next_delay()
+        if stream_gone:
             # Redis lost the stream and the group (a restart without persistence, FLUSHALL).
             logger.warning("worker %s: the job stream is gone; recreating it", self.name)
-            await self._pause(self.read_backoff.next_delay())
-            await self._group_ensure()
-        except TRANSIENT_ERRORS as error:
-            delay = self.read_backoff.next_delay()
+        else:
             logger.warning(
                 "worker %s: cannot read jobs (%s); retry in %.1fs", self.name, error, delay
             )
-            await self._pause(delay)
+        await self._pause(delay)
+        if stream_gone:
+            await self._group_ensure()
 
     async def _read_until_shutdown(self, count: int) -> list[Delivery]:
         read = asyncio.ensure_future(self.queue.read(count=count, block_ms=READ_BLOCK_MS))
@@ -193,6 +202,8 @@ class Worker:
         if result.outcome is Outcome.ACK:
             fault_point("after_commit_before_ack")
             await self.queue.ack(delivery.entry_id)
+            if result.reason:
+                logger.info("job %s: acknowledged (%s)", delivery.job.job_id, result.reason)
         elif result.outcome is Outcome.DEAD_LETTER:
             await self.queue.dead_letter(delivery, reason=result.reason, attempts=result.attempts)
 

@@ -87,6 +87,9 @@ def service_env(fake_llm: FakeOpenAI, transactional_db: None) -> dict[str, str]:
         "OPENAI_API_KEY": "test-key",
         "OPENAI_BASE_URL": fake_llm.base_url,
         "LLM_MODEL": "fake-model",
+        # Quick retries: the tests check that they happen, not how long they wait.
+        "LLM_RETRY_BASE_SECONDS": "0.05",
+        "LLM_RETRY_MAX_SECONDS": "0.5",
         "DJANGO_SECRET_KEY": settings.SECRET_KEY,
         "DJANGO_DEBUG": "0",
         "PYTHONUNBUFFERED": "1",
@@ -98,6 +101,7 @@ def worker(service_env: dict[str, str]) -> Iterator[ServiceProcess]:
     process = worker_start(env=service_env, name=f"w1-{RUN_ID}")
     yield process
     process.stop()
+    print(f"--- worker output ---\n{process.output}")  # shown on failure
 
 
 @pytest.fixture
@@ -113,6 +117,7 @@ def start_worker(service_env: dict[str, str]) -> Iterator:
     yield start
     for process in started:
         process.stop()
+        print(f"--- output of {process.args[3]} ---\n{process.output}")  # shown on failure
 
 
 @pytest.fixture

@@ -197,7 +197,7 @@ async def test_the_worker_finishes_its_replies_on_sigterm(alice, fake_llm, worke
 
 async def test_the_demo_model_answers_without_an_api_key(alice, service_env, start_worker):
     service_env["OPENAI_API_KEY"] = ""
-    start_worker("demo")
+    await asyncio.to_thread(start_worker, "demo")
     conversation = await _conversation(alice)
     socket = await ChatSocket.open(conversation.id, user=alice)
     await socket.receive()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import sys
 import time
@@ -340,6 +341,23 @@ async def test_sequential_requests_reuse_one_keep_alive_connection(fake: FakeOpe
     assert fake.connection_count == 1
 
 
+@pytest.mark.asyncio
+async def test_stop_with_open_connections_is_quiet_and_prompt(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = FakeOpenAI(Behaviour(hang=True)).start()
+    async with make_client(server) as client:
+        hanging = asyncio.create_task(open_stream(client))
+        await asyncio.to_thread(server.wait_for_requests, 1)
+        with caplog.at_level(logging.DEBUG, logger="asyncio"):
+            await asyncio.wait_for(asyncio.to_thread(server.stop), 5)
+
+        with pytest.raises(openai.APIConnectionError):
+            await hanging
+    assert [r for r in caplog.records if r.name == "asyncio"] == []
+    assert server.active_streams == 0
+
+
 # ---------------------------------------------------------------------- standalone process
 
 
@@ -368,11 +386,14 @@ async def test_standalone_process_serves_until_signalled(signum: signal.Signals)
                 model="gpt-test", messages=MESSAGES, stream=True
             )
             text = "".join([content_of(chunk) async for chunk in stream])
-        assert text == " tok0 tok1 tok2"
+            # Signalled while the client still holds its idle keep-alive connection.
+            process.send_signal(signum)
+            _, stderr = await asyncio.wait_for(process.communicate(), 10)
     finally:
         if process.returncode is None:
-            process.send_signal(signum)
-        _, stderr = await asyncio.wait_for(process.communicate(), 10)
+            process.kill()
+            await process.wait()
 
+    assert text == " tok0 tok1 tok2"
     assert process.returncode == 0
-    assert b"Traceback" not in stderr
+    assert stderr == b""

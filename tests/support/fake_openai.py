@@ -303,7 +303,17 @@ class FakeOpenAI:
         assert task is not None
         self._connections.add(task)
         self._count_connection()
-        conn = _Connection(reader, writer)
+        try:
+            await self._serve_then_close(_Connection(reader, writer))
+        except asyncio.CancelledError:
+            # Only _close() cancels us. Python 3.11's start_server calls task.exception() on
+            # our finished task, which raises (and logs a traceback) if the task ended
+            # cancelled, so the cancellation ends here.
+            pass
+        finally:
+            self._connections.discard(task)
+
+    async def _serve_then_close(self, conn: _Connection) -> None:
         try:
             await self._serve_connection(conn)
         except _ClientGone:
@@ -312,7 +322,6 @@ class FakeOpenAI:
             # A broken client must never take the server down; stay quiet unless asked.
             logger.debug("fake OpenAI connection failed", exc_info=True)
         finally:
-            self._connections.discard(task)
             await conn.close()
 
     async def _serve_connection(self, conn: _Connection) -> None:

@@ -80,8 +80,14 @@ class ChatSocket:
 
 
 def answer_of(frames: list[dict[str, Any]], job_id: str) -> str:
-    """The text a client shows for a job: its deltas in seq order."""
-    deltas = [f for f in frames if f["type"] == "delta" and f["job_id"] == job_id]
-    seqs = [f["seq"] for f in deltas]
-    assert seqs == sorted(set(seqs)), f"deltas out of order or repeated: {seqs}"
-    return "".join(f["content"] for f in deltas)
+    """The text a client shows for a job: its deltas in seq order, from the last restart."""
+    mine = [f for f in frames if f.get("job_id") == job_id]
+    seqs = [f["seq"] for f in mine if "seq" in f]
+    assert seqs == sorted(set(seqs)), f"frames out of order or repeated: {seqs}"
+    text: list[str] = []
+    for frame in mine:
+        if frame["type"] == "restart":
+            text.clear()
+        elif frame["type"] == "delta":
+            text.append(frame["content"])
+    return "".join(text)

@@ -1,0 +1,416 @@
+"""Delivery guarantees: once the server said `queued`, exactly one complete answer or a clear
+failure, through killed and stalled workers, provider faults, lost Redis data and cancels."""
+
+import asyncio
+import json
+import signal
+import time
+
+import pytest
+import websockets
+from asgiref.sync import sync_to_async
+from django.conf import settings
+
+from chat.models import Message
+from chat.services import conversation_create
+from llmworker.redis import dead_letter_key, jobs_stream_key, redis_get
+from tests.support.fake_openai import Behaviour
+from tests.support.sockets import ChatSocket, answer_of, token_for
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
+
+TOKENS = [f" tok{i}" for i in range(30)]
+ANSWER = "".join(TOKENS)
+
+
+@pytest.fixture
+def short_lease(service_env):
+    service_env["LLM_JOB_LEASE_SECONDS"] = "1"
+    return service_env
+
+
+async def _open_chat(user) -> ChatSocket:
+    conversation = await sync_to_async(conversation_create)(owner=user)
+    socket = await ChatSocket.open(conversation.id, user=user)
+    await socket.receive()  # hello
+    return socket
+
+
+async def _send(socket: ChatSocket, content: str = "Go") -> dict:
+    await socket.send({"type": "message", "content": content})
+    queued = await socket.receive()
+    assert queued["type"] == "queued", queued
+    return queued
+
+
+async def _replies_for(job_id: str) -> list[Message]:
+    return [m async for m in Message.objects.filter(job_id=job_id)]
+
+
+async def test_a_reply_survives_kill_9_of_its_worker(alice, fake_llm, short_lease, start_worker):
+    fake_llm.default = Behaviour(tokens=TOKENS, interval=0.05)
+    first = await asyncio.to_thread(start_worker, "first")
+    socket = await _open_chat(alice)
+    queued = await _send(socket)
+    await socket.receive()  # text is streaming from the first worker
+
+    await asyncio.to_thread(first.kill)
+    await asyncio.to_thread(start_worker, "second")
+    frames = await socket.receive_until("done", timeout=30)
+
+    assert any(f["type"] == "restart" for f in socket.frames)
+    assert answer_of(socket.frames, queued["job_id"]) == ANSWER
+    assert frames[-1]["content"] == ANSWER
+    [reply] = await _replies_for(queued["job_id"])
+    assert (reply.status, reply.content, reply.attempt) == ("complete", ANSWER, 2)
+    assert len(fake_llm.requests) == 2
+    await socket.close()
+
+
+async def test_a_long_reply_on_a_healthy_worker_is_not_taken_over(
+    alice, fake_llm, short_lease, start_worker
+):
+    # Three seconds of generation against a one-second lease, with another worker waiting.
+    fake_llm.default = Behaviour(tokens=TOKENS, interval=0.1)
+    await asyncio.to_thread(start_worker, "first")
+    socket = await _open_chat(alice)
+    queued = await _send(socket)
+    await socket.receive()
+    await asyncio.to_thread(start_worker, "second")
+
+    frames = await socket.receive_until("done", timeout=30)
+
+    assert frames[-1]["content"] == ANSWER
+    assert not any(f["type"] == "restart" for f in socket.frames)
+    [reply] = await _replies_for(queued["job_id"])
+    assert reply.attempt == 1
+    assert len(fake_llm.requests) == 1
+    await socket.close()
+
+
+async def test_it_retries_server_errors_unseen_by_the_user(alice, fake_llm, worker):
+    fake_llm.enqueue(Behaviour(status=500), Behaviour(status=502), Behaviour(reply="Third time."))
+    socket = await _open_chat(alice)
+    queued = await _send(socket)
+
+    frames = await socket.receive_until("done")
+
+    assert {f["type"] for f in frames} == {"delta", "done"}
+    assert answer_of(frames, queued["job_id"]) == "Third time."
+    assert len(fake_llm.requests) == 3
+    await socket.close()
+
+
+async def test_it_waits_as_long_as_retry_after_says(alice, fake_llm, worker):
+    fake_llm.enqueue(Behaviour(status=429, retry_after=1.0), Behaviour(reply="Patience."))
+    socket = await _open_chat(alice)
+    started = time.monotonic()
+    await _send(socket)
+
+    frames = await socket.receive_until("done")
+
+    # Without Retry-After the retry would come after 0.05 s or so (LLM_RETRY_BASE_SECONDS).
+    assert time.monotonic() - started >= 1.0
+    assert frames[-1]["content"] == "Patience."
+    await socket.close()
+
+
+async def test_a_stream_cut_midway_restarts_the_answer(alice, fake_llm, worker):
+    fake_llm.enqueue(Behaviour(tokens=TOKENS, interval=0.02, cut_after=10))
+    fake_llm.default = Behaviour(tokens=TOKENS)
+    socket = await _open_chat(alice)
+    queued = await _send(socket)
+
+    frames = await socket.receive_until("done")
+
+    kinds = [f["type"] for f in frames]
+    assert "restart" in kinds
+    assert kinds.index("restart") > kinds.index("delta")
+    assert answer_of(frames, queued["job_id"]) == ANSWER
+    [reply] = await _replies_for(queued["job_id"])
+    assert (reply.content, reply.attempt) == (ANSWER, 1)
+    await socket.close()
+
+
+async def test_a_refused_request_fails_at_once_into_the_dead_letters(alice, fake_llm, worker):
+    fake_llm.enqueue(Behaviour(status=400, error_message="Bad prompt"))
+    socket = await _open_chat(alice)
+    queued = await _send(socket)
+
+    error = await socket.receive()
+
+    assert (error["type"], error["code"], error["job_id"]) == (
+        "error",
+        "llm_error",
+        queued["job_id"],
+    )
+    assert len(fake_llm.requests) == 1
+    [reply] = await _replies_for(queued["job_id"])
+    assert reply.status == "failed"
+    assert "Bad prompt" in reply.error
+    [(_, dead)] = await redis_get().xrange(dead_letter_key())
+    assert dead["job_id"] == queued["job_id"]
+    assert "Bad prompt" in dead["reason"]
+    assert await redis_get().xlen(jobs_stream_key()) == 0
+    await socket.close()
+
+
+async def test_jobs_lost_with_redis_data_are_enqueued_again(
+    alice, fake_llm, service_env, start_worker
+):
+    socket_a = await _open_chat(alice)
+    socket_b = await _open_chat(alice)
+    queued = [await _send(socket_a), await _send(socket_b)]
+    # Redis loses every key of this deployment (a restart without persistence, FLUSHALL).
+    redis = redis_get()
+    keys = [key async for key in redis.scan_iter(match=f"{{{settings.REDIS_KEY_PREFIX}}}*")]
+    assert jobs_stream_key() in keys
+    await redis.delete(*keys)
+
+    service_env["LLM_RECONCILE_SECONDS"] = "1"
+    await asyncio.to_thread(start_worker, "after-the-flush")
+    done = [(await socket.receive_until("done", timeout=30))[-1] for socket in (socket_a, socket_b)]
+
+    assert [d["job_id"] for d in done] == [q["job_id"] for q in queued]
+    assert len(fake_llm.requests) == 2
+    for q in queued:
+        [reply] = await _replies_for(q["job_id"])
+        assert reply.status == "complete"
+    for socket in (socket_a, socket_b):
+        await socket.close()
+
+
+async def test_the_worker_recreates_a_vanished_stream(alice, fake_llm, worker):
+    await redis_get().delete(jobs_stream_key())
+    socket = await _open_chat(alice)
+    await _send(socket)
+
+    frames = await socket.receive_until("done", timeout=30)
+
+    assert frames[-1]["status"] == "complete"
+    assert worker.output.count("the job stream is gone") == 1
+    await socket.close()
+
+
+async def test_resume_after_a_dropped_connection_misses_and_repeats_nothing(
+    alice, fake_llm, daphne, worker
+):
+    fake_llm.default = Behaviour(tokens=TOKENS, interval=0.03)
+    conversation = await sync_to_async(conversation_create)(owner=alice)
+    url = f"ws://127.0.0.1:{daphne.port}/ws/chat/{conversation.id}/?token={token_for(alice)}"
+    before: list[dict] = []
+    async with websockets.connect(url) as ws:
+        await ws.recv()  # hello
+        await ws.send(json.dumps({"type": "message", "content": "Go"}))
+        queued = json.loads(await ws.recv())
+        while len(before) < 5:
+            before.append(json.loads(await ws.recv()))
+        ws.transport.abort()  # the connection drops, no closing handshake
+
+    async with websockets.connect(url) as ws:
+        hello = json.loads(await ws.recv())
+        assert hello["active_job_id"] == queued["job_id"]
+        await ws.send(json.dumps({"type": "resume", "job_id": queued["job_id"], "after": 5}))
+        after: list[dict] = []
+        while not after or after[-1]["type"] != "done":
+            after.append(json.loads(await asyncio.wait_for(ws.recv(), 15)))
+
+    frames = before + after
+    assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
+    assert answer_of(frames, queued["job_id"]) == ANSWER
+
+
+async def test_resuming_a_finished_reply_returns_its_done_frame(alice, fake_llm, worker):
+    socket = await _open_chat(alice)
+    queued = await _send(socket)
+    frames = await socket.receive_until("done")
+    done = frames[-1]
+    await socket.close()
+    reply = await Message.objects.aget(id=queued["reply_id"])
+
+    again = await ChatSocket.open(reply.conversation_id, user=alice)
+    hello = await again.receive()
+    await again.send({"type": "resume", "job_id": queued["job_id"], "after": done["seq"]})
+    from_database = await again.receive()
+    await again.send({"type": "resume", "job_id": queued["job_id"], "after": 0})
+    nothing_twice = await again.nothing_received()
+    await again.close()
+
+    assert hello["active_job_id"] is None
+    assert from_database == {k: v for k, v in done.items() if k != "seq"}
+    assert nothing_twice
+
+
+async def test_resume_from_the_start_replays_every_frame(alice, fake_llm, worker):
+    socket = await _open_chat(alice)
+    queued = await _send(socket)
+    frames = await socket.receive_until("done")
+    await socket.close()
+    reply = await Message.objects.aget(id=queued["reply_id"])
+
+    again = await ChatSocket.open(reply.conversation_id, user=alice)
+    await again.receive()
+    await again.send({"type": "resume", "job_id": queued["job_id"], "after": 0})
+    replayed = await again.receive_until("done")
+    await again.close()
+
+    assert replayed == frames[1:] if frames[0]["type"] == "queued" else replayed == frames
+
+
+async def test_cancel_closes_the_provider_stream_and_keeps_the_partial_answer(
+    alice, fake_llm, worker
+):
+    fake_llm.default = Behaviour(tokens=TOKENS * 4, interval=0.05)
+    socket = await _open_chat(alice)
+    queued = await _send(socket)
+    for _ in range(3):
+        await socket.receive()
+
+    cancelled_at = time.monotonic()
+    await socket.send({"type": "cancel", "job_id": queued["job_id"]})
+    provider_gone_at = await asyncio.to_thread(fake_llm.wait_for_disconnect, 5)
+    frames = await socket.receive_until("done")
+
+    assert provider_gone_at - cancelled_at < 1.0
+    done = frames[-1]
+    assert done["status"] == "cancelled"
+    assert 0 < len(done["content"]) < len(ANSWER * 4)
+    assert (ANSWER * 4).startswith(done["content"])
+    assert answer_of(socket.frames, queued["job_id"]) == done["content"]
+    [reply] = await _replies_for(queued["job_id"])
+    assert (reply.status, reply.content) == ("cancelled", done["content"])
+    await socket.close()
+
+
+async def test_cancelling_a_queued_reply_never_calls_the_provider(
+    alice, fake_llm, service_env, start_worker
+):
+    socket = await _open_chat(alice)
+    queued = await _send(socket)
+
+    await socket.send({"type": "cancel", "job_id": queued["job_id"]})
+    done = await socket.receive()
+    worker = await asyncio.to_thread(start_worker, "late")
+    await asyncio.to_thread(
+        worker.wait_for_line, f"job {queued['job_id']}: acknowledged \\(reply already finished\\)"
+    )
+
+    assert (done["type"], done["status"], done["content"]) == ("done", "cancelled", "")
+    assert fake_llm.requests == []
+    [reply] = await _replies_for(queued["job_id"])
+    assert reply.status == "cancelled"
+    await socket.close()
+
+
+async def test_sigterm_hands_unfinished_replies_to_another_worker(
+    alice, fake_llm, short_lease, start_worker
+):
+    fake_llm.default = Behaviour(tokens=TOKENS, interval=0.1)
+    leaving = await asyncio.to_thread(start_worker, "leaving", grace=0.5)
+    socket = await _open_chat(alice)
+    queued = await _send(socket)
+    await socket.receive()
+
+    leaving.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(leaving.wait) == 0
+    await asyncio.to_thread(start_worker, "staying")
+    frames = await socket.receive_until("done", timeout=30)
+
+    assert "left 1 jobs for other workers" in leaving.output
+    assert "Traceback" not in leaving.output
+    assert answer_of(socket.frames, queued["job_id"]) == frames[-1]["content"] == ANSWER
+    await socket.close()
+
+
+async def test_a_worker_woken_after_its_lease_writes_nothing(
+    alice, fake_llm, short_lease, start_worker
+):
+    fake_llm.enqueue(Behaviour(tokens=[" stale"] * 30, interval=0.05))
+    fake_llm.default = Behaviour(reply="The fresh answer.")
+    stalled = await asyncio.to_thread(start_worker, "stalled")
+    socket = await _open_chat(alice)
+    queued = await _send(socket)
+    await socket.receive()
+
+    stalled.send_signal(signal.SIGSTOP)
+    await asyncio.to_thread(start_worker, "fresh")
+    frames = await socket.receive_until("done", timeout=30)
+    stalled.send_signal(signal.SIGCONT)
+    await asyncio.to_thread(stalled.wait_for_line, r"was superseded|lost the lease")
+    late = await socket.nothing_received()
+
+    assert frames[-1]["content"] == "The fresh answer."
+    assert answer_of(socket.frames, queued["job_id"]) == "The fresh answer."
+    assert late, "the stalled worker's frames reached the socket"
+    [reply] = await _replies_for(queued["job_id"])
+    assert (reply.status, reply.content, reply.attempt) == ("complete", "The fresh answer.", 2)
+    await socket.close()
+
+
+async def test_a_crash_between_commit_and_ack_calls_no_provider_again(
+    alice, fake_llm, short_lease, start_worker
+):
+    short_lease["GRIZZ_FAULTS"] = "after_commit_before_ack"
+    crashing = await asyncio.to_thread(start_worker, "crashing")
+    socket = await _open_chat(alice)
+    queued = await _send(socket)
+    await socket.receive_until("done")
+    assert await asyncio.to_thread(crashing.wait) == 137
+
+    short_lease["GRIZZ_FAULTS"] = ""
+    survivor = await asyncio.to_thread(start_worker, "survivor")
+    await asyncio.to_thread(
+        survivor.wait_for_line, f"job {queued['job_id']}: acknowledged \\(reply already finished\\)"
+    )
+
+    assert len(fake_llm.requests) == 1
+    assert await redis_get().xlen(jobs_stream_key()) == 0
+    [reply] = await _replies_for(queued["job_id"])
+    assert reply.attempt == 1
+    await socket.close()
+
+
+async def test_a_job_delivered_too_often_goes_to_the_dead_letters(
+    alice, fake_llm, short_lease, start_worker
+):
+    short_lease["LLM_MAX_ATTEMPTS"] = "1"
+    fake_llm.default = Behaviour(tokens=TOKENS, interval=0.05)
+    doomed = await asyncio.to_thread(start_worker, "doomed")
+    socket = await _open_chat(alice)
+    queued = await _send(socket)
+    await socket.receive()
+
+    await asyncio.to_thread(doomed.kill)
+    await asyncio.to_thread(start_worker, "undertaker")
+    error = (await socket.receive_until("error", timeout=30))[-1]
+
+    assert (error["code"], error["job_id"]) == ("llm_error", queued["job_id"])
+    [reply] = await _replies_for(queued["job_id"])
+    assert reply.status == "failed"
+    [(_, dead)] = await redis_get().xrange(dead_letter_key())
+    assert (dead["job_id"], dead["attempts"]) == (queued["job_id"], "2")
+    assert "LLM_MAX_ATTEMPTS" in dead["reason"]
+    await socket.close()
+
+
+async def test_a_pending_job_deleted_from_the_stream_fails_its_reply(
+    alice, fake_llm, short_lease, start_worker
+):
+    fake_llm.default = Behaviour(tokens=TOKENS, interval=0.05)
+    first = await asyncio.to_thread(start_worker, "first")
+    socket = await _open_chat(alice)
+    queued = await _send(socket)
+    await socket.receive()
+    await asyncio.to_thread(first.kill)
+    # The entry is trimmed away while still pending (MAXLEN, XDEL by an operator).
+    [(entry_id, _)] = await redis_get().xrange(jobs_stream_key())
+    await redis_get().xdel(jobs_stream_key(), entry_id)
+
+    await asyncio.to_thread(start_worker, "second")
+    error = (await socket.receive_until("error", timeout=30))[-1]
+
+    assert (error["code"], error["job_id"]) == ("llm_error", queued["job_id"])
+    [reply] = await _replies_for(queued["job_id"])
+    assert reply.status == "failed"
+    assert "lost by the queue" in reply.error
+    await socket.close()
