@@ -20,7 +20,7 @@ class MessageInline(admin.TabularInline):
 class ConversationAdmin(admin.ModelAdmin):
     list_display = ["__str__", "owner", "model", "created_at", "updated_at"]
     list_filter = ["model", "created_at"]
-    search_fields = ["owner__username", "messages__content"]
+    search_fields = ["title", "owner__username", "messages__content"]
     readonly_fields = ["id", "created_at", "updated_at"]
     raw_id_fields = ["owner"]
     inlines = [MessageInline]

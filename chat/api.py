@@ -1,5 +1,6 @@
 """The REST API: DRF views over the same services the socket uses."""
 
+from django.conf import settings
 from django.shortcuts import get_object_or_404
 from rest_framework import generics, serializers
 from rest_framework.request import Request
@@ -13,7 +14,11 @@ class ConversationSerializer(serializers.ModelSerializer):
         model = Conversation
         fields = ["id", "title", "model", "system_prompt", "created_at", "updated_at"]
         read_only_fields = ["id", "created_at", "updated_at"]
-        extra_kwargs = {"title": {"required": False}, "system_prompt": {"required": False}}
+        extra_kwargs = {
+            "title": {"required": False},
+            # The same limit as the web form: the system prompt goes into every prompt.
+            "system_prompt": {"required": False, "max_length": settings.CHAT_MAX_MESSAGE_CHARS},
+        }
 
 
 class MessageSerializer(serializers.ModelSerializer):

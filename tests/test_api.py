@@ -274,6 +274,21 @@ def test_it_rejects_a_title_over_200_characters(alice):
     assert not Conversation.objects.exists()
 
 
+def test_it_accepts_a_system_prompt_up_to_the_message_limit(alice):
+    prompt = "p" * settings.CHAT_MAX_MESSAGE_CHARS
+    response = client_as(alice).post(CONVERSATIONS_URL, {"system_prompt": prompt}, format="json")
+    assert response.status_code == 201
+    assert Conversation.objects.get(id=response.json()["id"]).system_prompt == prompt
+
+
+def test_it_rejects_a_system_prompt_over_the_message_limit(alice):
+    prompt = "p" * (settings.CHAT_MAX_MESSAGE_CHARS + 1)
+    response = client_as(alice).post(CONVERSATIONS_URL, {"system_prompt": prompt}, format="json")
+    assert response.status_code == 400
+    assert "system_prompt" in response.json()
+    assert not Conversation.objects.exists()
+
+
 def test_it_ignores_a_client_supplied_id_and_owner(alice, bob):
     chosen = uuid.uuid4()
     response = client_as(alice).post(
