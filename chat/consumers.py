@@ -62,6 +62,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.awaiting_resume: set[str] = set()
         self.inbox: deque[tuple[Any, ...]] = deque()
         self.inbox_drainer: asyncio.Task[None] | None = None
+        self.said_hello = False  # frames wait in the inbox until the hello is out
         if not self.scope["user"].is_authenticated:
             return await self._refuse(CLOSE_UNAUTHENTICATED)
         conversation_id = _uuid_or_none(self.scope["url_route"]["kwargs"]["conversation_id"])
@@ -71,8 +72,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             )
             if not conversation:
                 return await self._refuse(CLOSE_NOT_FOUND)
-            await self._follow(conversation)
+            # The active job first, then follow: a reply that starts in between is followed
+            # from its first frame, like any reply that starts while the socket is open.
             active_job_id = await conversation_active_job(conversation_id=conversation.id)
+            if active_job_id:
+                self.awaiting_resume.add(active_job_id)
+            await self._follow(conversation)
         except UNAVAILABLE_ERRORS:
             logger.exception("socket refused: a dependency is down")
             return await self._refuse(CLOSE_TRY_AGAIN_LATER)
@@ -84,6 +89,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 "active_job_id": active_job_id,
             }
         )
+        self.said_hello = True
+        self._inbox_drain_start()
 
     async def _refuse(self, code: int) -> None:
         # A close code of our own can only be sent on an accepted socket.
@@ -234,7 +241,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     def _inbox_put(self, *item: Any) -> None:
         self.inbox.append(item)
-        if self.inbox_drainer is None or self.inbox_drainer.done():
+        self._inbox_drain_start()
+
+    def _inbox_drain_start(self) -> None:
+        if self.said_hello and (self.inbox_drainer is None or self.inbox_drainer.done()):
             self.inbox_drainer = asyncio.create_task(self._drain_inbox())
 
     async def _drain_inbox(self) -> None:

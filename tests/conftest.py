@@ -49,12 +49,23 @@ def _test_database_released_at_exit(django_db_setup: None, django_db_blocker) ->
 @pytest.fixture(scope="session", autouse=True)
 def _redis_keys_removed_at_exit() -> Iterator[None]:
     yield
+    _redis_keys_delete()
+
+
+@pytest.fixture(autouse=True)
+def _redis_keys_of_earlier_tests_removed() -> None:
+    """Each test starts with none of this run's keys: an empty queue, no dead letters."""
+    _redis_keys_delete()
+
+
+def _redis_keys_delete() -> None:
     import redis
 
     client = redis.Redis.from_url(settings.REDIS_URL)
     for pattern in (f"{{{settings.REDIS_KEY_PREFIX}}}*", f"{settings.REDIS_KEY_PREFIX}:*"):
         for key in client.scan_iter(match=pattern, count=1000):
             client.delete(key)
+    client.close()
 
 
 @pytest.fixture(scope="session")
@@ -125,6 +136,7 @@ def daphne(service_env: dict[str, str]) -> Iterator[ServiceProcess]:
     process = daphne_start(env=service_env, port=_free_port())
     yield process
     process.stop()
+    print(f"--- daphne output ---\n{process.output}")  # shown on failure
 
 
 def _free_port() -> int:

@@ -202,13 +202,13 @@ async def test_resume_after_a_dropped_connection_misses_and_repeats_nothing(
     async with websockets.connect(url) as ws:
         await ws.recv()  # hello
         await ws.send(json.dumps({"type": "message", "content": "Go"}))
-        queued = json.loads(await ws.recv())
+        queued = json.loads(await asyncio.wait_for(ws.recv(), 15))
         while len(before) < 5:
-            before.append(json.loads(await ws.recv()))
+            before.append(json.loads(await asyncio.wait_for(ws.recv(), 15)))
         ws.transport.abort()  # the connection drops, no closing handshake
 
     async with websockets.connect(url) as ws:
-        hello = json.loads(await ws.recv())
+        hello = json.loads(await asyncio.wait_for(ws.recv(), 15))
         assert hello["active_job_id"] == queued["job_id"]
         await ws.send(json.dumps({"type": "resume", "job_id": queued["job_id"], "after": 5}))
         after: list[dict] = []
@@ -216,7 +216,7 @@ async def test_resume_after_a_dropped_connection_misses_and_repeats_nothing(
             after.append(json.loads(await asyncio.wait_for(ws.recv(), 15)))
 
     frames = before + after
-    assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
+    assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1)), frames
     assert answer_of(frames, queued["job_id"]) == ANSWER
 
 
