@@ -1,9 +1,15 @@
 """The REST API: DRF views over the same services the socket uses."""
 
+import uuid
+
+from asgiref.sync import async_to_sync
 from django.conf import settings
+from django.http import Http404
 from django.shortcuts import get_object_or_404
-from rest_framework import generics, serializers
+from rest_framework import generics, serializers, status
 from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
 
 from chat import services
 from chat.models import Conversation, Message
@@ -51,3 +57,27 @@ class MessageList(generics.ListAPIView):
             Conversation, id=self.kwargs["conversation_id"], owner=request.user
         )
         return conversation.messages.order_by("position")
+
+
+class ReplyCancel(APIView):
+    """Stop a reply, like the socket's `cancel` frame: a queued one is cancelled at once, a
+    running one by its worker, which saves the partial answer as `cancelled`."""
+
+    def post(self, request: Request, conversation_id: uuid.UUID, job_id: uuid.UUID) -> Response:
+        # Another user's conversation, or a job not in this one, is a 404 like an unknown id.
+        conversation = get_object_or_404(Conversation, id=conversation_id, owner=request.user)
+        reply = services.reply_for_job(job_id=job_id, conversation_id=conversation.id)
+        if reply is None:
+            raise Http404
+        if reply.status not in Message.ACTIVE_STATUSES:
+            return Response(
+                {"detail": "The reply has already finished.", "status": reply.status},
+                status=status.HTTP_409_CONFLICT,
+            )
+        async_to_sync(services.reply_cancel)(reply=reply)
+        # "cancelled" for a queued reply; "streaming" while its worker stops a running one.
+        reply.refresh_from_db(fields=["status"])
+        return Response(
+            {"job_id": str(reply.job_id), "status": reply.status},
+            status=status.HTTP_202_ACCEPTED,
+        )

@@ -12,4 +12,9 @@ urlpatterns = [
         api.MessageList.as_view(),
         name="api-messages",
     ),
+    path(
+        "conversations/<uuid:conversation_id>/replies/<uuid:job_id>/cancel/",
+        api.ReplyCancel.as_view(),
+        name="api-reply-cancel",
+    ),
 ]

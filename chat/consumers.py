@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 
 from chat import services
 from chat.models import Conversation, Message
+from llmworker.admission import Refusal, queue_pressure, user_admit, user_release
 from llmworker.jobs import Job
 from llmworker.queue import job_enqueue
 from llmworker.replies import reply_hub_get, reply_replay
@@ -36,6 +37,7 @@ conversation_get_for_user = database_sync_to_async(services.conversation_get_for
 conversation_active_job = database_sync_to_async(services.conversation_active_job)
 message_send = database_sync_to_async(services.message_send)
 message_retract = database_sync_to_async(services.message_retract)
+message_find_sent = database_sync_to_async(services.message_find_sent)
 reply_for_job = database_sync_to_async(services.reply_for_job)
 
 
@@ -150,38 +152,89 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self._send_message(content=content, client_msg_id=client_msg_id)
 
     async def _send_message(self, *, content: str, client_msg_id: str | None) -> None:
+        job_id = str(uuid.uuid4())
         try:
+            refusal, queue_position = await asyncio.wait_for(
+                self._admit(job_id), REDIS_CALL_TIMEOUT
+            )
+            if refusal is not None:
+                return await self._refuse_message(refusal, client_msg_id)
             sent = await message_send(
-                conversation=self.conversation, content=content, client_msg_id=client_msg_id
+                conversation=self.conversation,
+                content=content,
+                client_msg_id=client_msg_id,
+                job_id=job_id,
             )
         except services.ConversationBusy:
+            await self._release(job_id)
             return await self._error("busy", "A reply is still being generated; wait or cancel it.")
-        except DatabaseError:
-            logger.exception("message refused: database error")
+        except UNAVAILABLE_ERRORS:
+            logger.exception("message refused: a dependency is down")
+            await self._release(job_id)
             return await self._unavailable()
+        if not sent.created:
+            await self._release(job_id)  # a resend: the first send holds the slot
+        elif not await self._enqueue(sent):
+            return await self._unavailable()
+        await self._send_queued(sent, queue_position)
+
+    async def _admit(self, job_id: str) -> tuple[Refusal | None, int | None]:
+        """Backpressure first (one cached reading per process), then the user's limits."""
+        pressure = await queue_pressure()
+        if pressure.refusal is not None:
+            return pressure.refusal, None
+        if self._limited:
+            refusal = await user_admit(user_id=self.scope["user"].id, job_id=job_id)
+            if refusal is not None:
+                return refusal, None
+        if pressure.delay:
+            await asyncio.sleep(pressure.delay)  # this socket waits; the event loop does not
+        return None, pressure.queue_position
+
+    @property
+    def _limited(self) -> bool:
+        return not (settings.CHAT_LIMITS_EXEMPT_STAFF and self.scope["user"].is_staff)
+
+    async def _release(self, job_id: str) -> None:
+        with contextlib.suppress(*UNAVAILABLE_ERRORS):
+            await user_release(user_id=self.scope["user"].id, job_id=job_id)
+
+    async def _refuse_message(self, refusal: Refusal, client_msg_id: str | None) -> None:
+        # A resend of a message accepted before is answered as before, whatever the limits.
+        earlier = client_msg_id and await message_find_sent(
+            conversation=self.conversation, client_msg_id=client_msg_id
+        )
+        if earlier:
+            return await self._send_queued(earlier, None)
+        await self._error(refusal.code, refusal.message, retry_after=refusal.retry_after)
+
+    async def _send_queued(self, sent: services.SentMessage, queue_position: int | None) -> None:
         job_id = str(sent.reply.job_id)
         self.seen_seq.setdefault(job_id, 0)
-        queued = {
+        queued: dict[str, Any] = {
             "type": "queued",
             "job_id": job_id,
             "message_id": str(sent.message.id),
             "reply_id": str(sent.reply.id),
         }
-        if sent.created and not await self._enqueue(sent, queued):
-            return await self._unavailable()
+        if queue_position is not None:
+            queued["queue_position"] = queue_position
         await self.send_json(queued)
 
-    async def _enqueue(self, sent: services.SentMessage, queued: dict[str, str]) -> bool:
+    async def _enqueue(self, sent: services.SentMessage) -> bool:
         job = Job(
             job_id=str(sent.reply.job_id),
             reply_id=str(sent.reply.id),
             conversation_id=str(sent.reply.conversation_id),
+            user_id=str(self.scope["user"].id),
         )
         # Other sockets on the conversation learn of the message on the channel its reply
         # frames will follow, so they always see the message before its answer.
         announcement = {
-            **queued,
             "type": "user_message",
+            "job_id": job.job_id,
+            "message_id": str(sent.message.id),
+            "reply_id": job.reply_id,
             "content": sent.message.content,
             "origin": self.socket_id,
         }
@@ -193,6 +246,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         except UNAVAILABLE_ERRORS:
             logger.exception("job %s not queued: Redis error", job.job_id)
             await message_retract(sent=sent)
+            await self._release(job.job_id)
             return False
 
     async def _on_resume(self, frame: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ from django.db.models import Max
 from django.utils import timezone
 
 from chat.models import Conversation, Message
+from llmworker.admission import user_release
 from llmworker.redis import redis_get
 from llmworker.replies import ReplyPublisher, reply_cancel_request
 
@@ -57,30 +58,41 @@ class SentMessage:
 
 
 def message_send(
-    *, conversation: Conversation, content: str, client_msg_id: str | None = None
+    *,
+    conversation: Conversation,
+    content: str,
+    client_msg_id: str | None = None,
+    job_id: uuid.UUID | str | None = None,
 ) -> SentMessage:
     """Save a user message and its queued reply. The caller enqueues the job after this
     returns, that is after the commit, so no job ever names rows that do not exist."""
     if client_msg_id:
-        earlier = _message_sent_before(conversation=conversation, client_msg_id=client_msg_id)
+        earlier = message_find_sent(conversation=conversation, client_msg_id=client_msg_id)
         if earlier is not None:
             return earlier
     try:
         with transaction.atomic():
             return _message_create(
-                conversation=conversation, content=content, client_msg_id=client_msg_id
+                conversation=conversation,
+                content=content,
+                client_msg_id=client_msg_id,
+                job_id=job_id or uuid.uuid4(),
             )
     except IntegrityError:
         # Another process won the race: either the same client_msg_id or another reply.
         if client_msg_id:
-            earlier = _message_sent_before(conversation=conversation, client_msg_id=client_msg_id)
+            earlier = message_find_sent(conversation=conversation, client_msg_id=client_msg_id)
             if earlier is not None:
                 return earlier
         raise ConversationBusy() from None
 
 
 def _message_create(
-    *, conversation: Conversation, content: str, client_msg_id: str | None
+    *,
+    conversation: Conversation,
+    content: str,
+    client_msg_id: str | None,
+    job_id: uuid.UUID | str,
 ) -> SentMessage:
     # The lock serialises senders on one conversation, so positions are gap-free and the
     # "one active reply" check below is not a race (the unique constraint backs it up).
@@ -105,13 +117,13 @@ def _message_create(
         position=last + 2,
         role=Message.Role.ASSISTANT,
         status=Message.Status.QUEUED,
-        job_id=uuid.uuid4(),
+        job_id=job_id,
     )
     Conversation.objects.filter(id=conversation.id).update(updated_at=timezone.now())
     return SentMessage(message=message, reply=reply, created=True)
 
 
-def _message_sent_before(*, conversation: Conversation, client_msg_id: str) -> SentMessage | None:
+def message_find_sent(*, conversation: Conversation, client_msg_id: str) -> SentMessage | None:
     message = Message.objects.filter(conversation=conversation, client_msg_id=client_msg_id).first()
     if message is None:
         return None
@@ -126,7 +138,11 @@ def message_retract(*, sent: SentMessage) -> None:
 
 
 def reply_for_job(*, job_id: uuid.UUID | str, conversation_id: uuid.UUID | str) -> Message | None:
-    return Message.objects.filter(job_id=job_id, conversation_id=conversation_id).first()
+    return (
+        Message.objects.select_related("conversation")
+        .filter(job_id=job_id, conversation_id=conversation_id)
+        .first()
+    )
 
 
 @dataclass(frozen=True)
@@ -274,5 +290,6 @@ async def reply_cancel(*, reply: Message) -> None:
             job_id=str(reply.job_id), conversation_id=str(reply.conversation_id), client=redis_get()
         )
         await publisher.done(reply_id=str(reply.id), status="cancelled", content="", usage=None)
+        await user_release(user_id=reply.conversation.owner_id, job_id=str(reply.job_id))
         return
     await reply_cancel_request(job_id=str(reply.job_id))

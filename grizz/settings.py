@@ -56,6 +56,25 @@ def envfloat(name: str, default: float, *, minimum: float = 0.0) -> float:
     return number
 
 
+def envrate(name: str, default: str) -> tuple[int, int]:
+    """A rate such as "20/min": (count, window in seconds)."""
+    value = envstr(name, default)
+    windows = {
+        "s": 1,
+        "sec": 1,
+        "second": 1,
+        "m": 60,
+        "min": 60,
+        "minute": 60,
+        "h": 3600,
+        "hour": 3600,
+    }
+    count, _, unit = value.partition("/")
+    if not count.strip().isdigit() or unit.strip() not in windows:
+        raise ImproperlyConfigured(f"{name} must look like 20/min (or /sec, /hour), got {value!r}")
+    return int(count), windows[unit.strip()]
+
+
 def envlist(name: str, default: str) -> list[str]:
     return [item.strip() for item in envstr(name, default).split(",") if item.strip()]
 
@@ -200,6 +219,17 @@ CHANNEL_LAYERS = {
 
 # The chat.
 CHAT_MAX_MESSAGE_CHARS = envint("CHAT_MAX_MESSAGE_CHARS", 32000, minimum=1)
+# Per user, across all their sockets and web processes: messages per window, and replies
+# queued or being generated at once. 0 turns a limit off.
+CHAT_RATE_LIMIT = envrate("CHAT_RATE_LIMIT", "20/min")
+CHAT_MAX_INFLIGHT_PER_USER = envint("CHAT_MAX_INFLIGHT_PER_USER", 3)
+CHAT_LIMITS_EXEMPT_STAFF = envbool("CHAT_LIMITS_EXEMPT_STAFF", False)
+# Backpressure on the job queue (jobs not yet finished): above the first, new messages wait
+# a little and are told their place; above the second, they are refused.
+LLM_SLOWDOWN_PENDING_JOBS = envint("LLM_SLOWDOWN_PENDING_JOBS", 3000, minimum=1)
+LLM_MAX_PENDING_JOBS = envint("LLM_MAX_PENDING_JOBS", 5000, minimum=1)
+# How long a web process trusts its last reading of the queue's length.
+LLM_QUEUE_DEPTH_CACHE_SECONDS = envfloat("LLM_QUEUE_DEPTH_CACHE_SECONDS", 1.0)
 
 # The LLM provider. Without an API key the worker streams from the built-in demo model.
 OPENAI_API_KEY = envstr("OPENAI_API_KEY", "")

@@ -1,6 +1,6 @@
 """A job: one assistant reply to generate. It travels as the fields of a Redis Stream entry."""
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 
 class InvalidJob(ValueError):
@@ -12,13 +12,14 @@ class Job:
     job_id: str
     reply_id: str
     conversation_id: str
+    user_id: str = ""  # whose in-flight count the job holds until it finishes
 
     def to_fields(self) -> dict[str, str]:
         return asdict(self)
 
     @classmethod
     def from_fields(cls, data: dict[str, str]) -> "Job":
-        try:
-            return cls(**{f.name: data[f.name] for f in fields(cls)})
-        except KeyError as missing:
-            raise InvalidJob(f"job entry lacks {missing}") from None
+        required = [f.name for f in fields(cls) if f.default is MISSING]
+        if missing := [name for name in required if name not in data]:
+            raise InvalidJob(f"job entry lacks {missing}")
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})

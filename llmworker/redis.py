@@ -73,6 +73,14 @@ def reply_cancel_key(job_id: str) -> str:
     return key("reply", job_id, "cancel")
 
 
+def user_rate_key(user_id: int | str) -> str:
+    return key("user", str(user_id), "rate")
+
+
+def user_inflight_key(user_id: int | str) -> str:
+    return key("user", str(user_id), "inflight")
+
+
 def cancel_channel() -> str:
     return key("cancel")
 
