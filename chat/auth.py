@@ -1,4 +1,5 @@
-"""WebSocket authentication: a simplejwt access token (`?token=`), else the session cookie.
+"""WebSocket authentication: a simplejwt access token (as the subprotocol `jwt.<token>`, or
+`?token=`), else the session cookie.
 
 The session cookie is honoured only from a page of our own origin: a page elsewhere could
 otherwise open a socket as the signed-in user (cross-site WebSocket hijacking).
@@ -46,15 +47,27 @@ def origin_is_trusted(scope: dict[str, Any]) -> bool:
     )
 
 
+def _token_from_query(scope: dict[str, Any]) -> str | None:
+    tokens = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token")
+    return tokens[0] if tokens else None
+
+
+def _token_from_subprotocols(scope: dict[str, Any]) -> str | None:
+    # Keeps the token out of URLs and access logs: Sec-WebSocket-Protocol: grizz, jwt.<token>
+    for protocol in scope.get("subprotocols", []):
+        if protocol.startswith("jwt."):
+            return protocol.removeprefix("jwt.")
+    return None
+
+
 class TokenAuthMiddleware(BaseMiddleware):
     """Runs inside AuthMiddlewareStack: replaces the session user when a token is given, and
     drops it when the socket comes from another origin."""
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        tokens = query.get("token")
-        if tokens:
-            scope = {**scope, "user": await user_from_token(tokens[0])}
+        token = _token_from_subprotocols(scope) or _token_from_query(scope)
+        if token is not None:
+            scope = {**scope, "user": await user_from_token(token)}
         elif not origin_is_trusted(scope):
             scope = {**scope, "user": AnonymousUser()}
         return await super().__call__(scope, receive, send)

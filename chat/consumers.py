@@ -27,7 +27,9 @@ logger = logging.getLogger(__name__)
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
+CLOSE_IDLE = 4408
 CLOSE_TRY_AGAIN_LATER = 1013
+SUBPROTOCOL = "grizz"
 
 # Redis or PostgreSQL failing: the user is told to retry, the socket stays open.
 UNAVAILABLE_ERRORS = (RedisError, OSError, DatabaseError, asyncio.TimeoutError)
@@ -39,6 +41,11 @@ message_send = database_sync_to_async(services.message_send)
 message_retract = database_sync_to_async(services.message_retract)
 message_find_sent = database_sync_to_async(services.message_find_sent)
 reply_for_job = database_sync_to_async(services.reply_for_job)
+
+
+def _utf8_length_over(text: str, limit: int) -> bool:
+    # A character is at most 4 bytes: only text near the limit needs encoding to be sure.
+    return len(text) > limit or (len(text) * 4 > limit and len(text.encode()) > limit)
 
 
 def _uuid_or_none(value: object) -> uuid.UUID | None:
@@ -83,7 +90,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         except UNAVAILABLE_ERRORS:
             logger.exception("socket refused: a dependency is down")
             return await self._refuse(CLOSE_TRY_AGAIN_LATER)
-        await self.accept()
+        await self.accept(subprotocol=self._subprotocol())
+        self._idle_watch()
         await self.send_json(
             {
                 "type": "hello",
@@ -94,9 +102,31 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.said_hello = True
         self._inbox_drain_start()
 
+    def _subprotocol(self) -> str | None:
+        # A browser that sends its token as a subprotocol ("grizz", "jwt.<token>") must see
+        # one of the protocols it offered echoed back, never the token.
+        return SUBPROTOCOL if SUBPROTOCOL in self.scope.get("subprotocols", []) else None
+
+    def _idle_watch(self) -> None:
+        """Close the socket after WS_IDLE_TIMEOUT_SECONDS without a client frame, unless a
+        reply is streaming to it. One timer per socket, re-armed only when it fires."""
+        loop = asyncio.get_running_loop()
+        self.last_client_frame_at = loop.time()
+        self.idle_timer = loop.call_later(settings.WS_IDLE_TIMEOUT_SECONDS, self._idle_check)
+
+    def _idle_check(self) -> None:
+        loop = asyncio.get_running_loop()
+        quiet_until = self.last_client_frame_at + settings.WS_IDLE_TIMEOUT_SECONDS
+        streaming = any(job not in self.finished_jobs for job in self.seen_seq)
+        if loop.time() < quiet_until or streaming:
+            delay = max(quiet_until - loop.time(), 1.0)
+            self.idle_timer = loop.call_later(delay, self._idle_check)
+            return
+        self.idle_closer = asyncio.create_task(self.close(CLOSE_IDLE))
+
     async def _refuse(self, code: int) -> None:
         # A close code of our own can only be sent on an accepted socket.
-        await self.accept()
+        await self.accept(subprotocol=self._subprotocol())
         await self.close(code)
 
     async def _follow(self, conversation: Conversation) -> None:
@@ -107,6 +137,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         )
 
     async def disconnect(self, code: int) -> None:
+        if getattr(self, "idle_timer", None) is not None:
+            self.idle_timer.cancel()
         if self.conversation is None:
             return
         # On failure the hub drops the subscription when it reconnects.
@@ -118,17 +150,23 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     # Client → server
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        self.last_client_frame_at = asyncio.get_running_loop().time()
         if text_data is None:
             return await self._error("invalid", "Frames must be JSON text, not binary.")
+        if _utf8_length_over(text_data, settings.WS_MAX_FRAME_BYTES):
+            return await self._error(
+                "too_long", f"Frames are limited to {settings.WS_MAX_FRAME_BYTES} bytes."
+            )
         try:
             frame = json.loads(text_data)
         except ValueError:
             return await self._error("invalid", "The frame is not valid JSON.")
         if not isinstance(frame, dict):
             return await self._error("invalid", "The frame must be a JSON object.")
-        handler = self.frame_handlers.get(frame.get("type"))  # type: ignore[arg-type]
+        kind = frame.get("type")
+        handler = self.frame_handlers.get(kind) if isinstance(kind, str) else None
         if handler is None:
-            return await self._error("invalid", f"Unknown frame type {frame.get('type')!r}.")
+            return await self._error("invalid", "Unknown frame type.")
         await handler(self, frame)
 
     async def _on_ping(self, frame: dict[str, Any]) -> None:

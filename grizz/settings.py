@@ -219,6 +219,12 @@ CHANNEL_LAYERS = {
 
 # The chat.
 CHAT_MAX_MESSAGE_CHARS = envint("CHAT_MAX_MESSAGE_CHARS", 32000, minimum=1)
+# Frames larger than this are refused with too_long (daphne itself closes the socket with
+# 1009 above its own limit, 1 MiB).
+WS_MAX_FRAME_BYTES = envint("WS_MAX_FRAME_BYTES", 256 * 1024, minimum=1024)
+# Sockets with no frame from the client for this long, and no reply streaming to them, are
+# closed with 4408. Browsers ping every 30 s.
+WS_IDLE_TIMEOUT_SECONDS = envfloat("WS_IDLE_TIMEOUT_SECONDS", 300.0, minimum=1.0)
 # Per user, across all their sockets and web processes: messages per window, and replies
 # queued or being generated at once. 0 turns a limit off.
 CHAT_RATE_LIMIT = envrate("CHAT_RATE_LIMIT", "20/min")
@@ -251,6 +257,14 @@ LLM_RECONCILE_SECONDS = envfloat("LLM_RECONCILE_SECONDS", 30.0, minimum=0.5)
 LLM_RETRY_LIMIT = envint("LLM_RETRY_LIMIT", 4)
 LLM_RETRY_BASE_SECONDS = envfloat("LLM_RETRY_BASE_SECONDS", 0.5, minimum=0.0)
 LLM_RETRY_MAX_SECONDS = envfloat("LLM_RETRY_MAX_SECONDS", 30.0, minimum=0.0)
+# The circuit breaker of each worker process, per provider base URL: this many consecutive
+# retryable failures stop all calls to the provider for LLM_BREAKER_RESET_SECONDS, then one
+# job probes it. Jobs wait meanwhile, without spending their retries.
+LLM_BREAKER_FAILURES = envint("LLM_BREAKER_FAILURES", 5, minimum=1)
+LLM_BREAKER_RESET_SECONDS = envfloat("LLM_BREAKER_RESET_SECONDS", 30.0, minimum=0.1)
+# A reply whose provider sends nothing for this long, across its retries, fails with
+# `timeout`. Longer than LLM_REQUEST_TIMEOUT_SECONDS leaves room to retry a stalled request.
+LLM_RESULT_TIMEOUT_SECONDS = envfloat("LLM_RESULT_TIMEOUT_SECONDS", 120.0, minimum=0.1)
 
 LOGGING = {
     "version": 1,
