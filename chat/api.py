@@ -6,6 +6,7 @@ from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.http import Http404
 from django.shortcuts import get_object_or_404
+from redis.exceptions import RedisError
 from rest_framework import generics, serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -74,7 +75,14 @@ class ReplyCancel(APIView):
                 {"detail": "The reply has already finished.", "status": reply.status},
                 status=status.HTTP_409_CONFLICT,
             )
-        async_to_sync(services.reply_cancel)(reply=reply)
+        try:
+            async_to_sync(services.reply_cancel)(reply=reply)
+        except (RedisError, OSError):
+            return Response(
+                {"detail": "Server busy, please retry your request."},
+                status=status.HTTP_503_SERVICE_UNAVAILABLE,
+                headers={"Retry-After": "5"},
+            )
         # "cancelled" for a queued reply; "streaming" while its worker stops a running one.
         reply.refresh_from_db(fields=["status"])
         return Response(

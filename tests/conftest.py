@@ -33,16 +33,20 @@ def django_db_modify_db_settings() -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _test_database_released_at_exit(django_db_setup: None, django_db_blocker) -> Iterator[None]:
+def _test_database_released_at_exit(django_db_setup: None) -> Iterator[None]:
     """Connections held by sync_to_async's threads would keep the test database from being
-    dropped at the end; end them first."""
+    dropped at the end; end them first, from the server's maintenance database."""
     yield
-    from django.db import connection
+    import psycopg
 
-    with django_db_blocker.unblock(), connection.cursor() as cursor:
-        cursor.execute(
+    db = settings.DATABASES["default"]
+    with psycopg.connect(
+        host=db["HOST"], port=db["PORT"], user=db["USER"], dbname="postgres", autocommit=True
+    ) as maintenance:
+        maintenance.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " WHERE datname = %s AND pid <> pg_backend_pid()",
+            [db["TEST"]["NAME"]],
         )
 
 

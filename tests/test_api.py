@@ -1,9 +1,12 @@
 """The REST API as a client sees it: JWT and session auth, conversations, transcripts."""
 
+import asyncio
+import time
 import uuid
 from datetime import timedelta
 
 import pytest
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.middleware.csrf import get_token
 from django.test import Client, RequestFactory
@@ -19,6 +22,8 @@ from chat.services import (
     reply_fail,
     reply_start,
 )
+from tests.support.fake_openai import Behaviour
+from tests.support.sockets import ChatSocket
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -29,6 +34,10 @@ CONVERSATIONS_URL = "/api/conversations/"
 
 def messages_url(conversation_id: object) -> str:
     return f"/api/conversations/{conversation_id}/messages/"
+
+
+def cancel_url(conversation_id: object, job_id: object) -> str:
+    return f"/api/conversations/{conversation_id}/replies/{job_id}/cancel/"
 
 
 def bearer(access: str) -> dict[str, str]:
@@ -401,3 +410,127 @@ def test_it_does_not_create_messages_through_the_list(alice):
     )
     assert response.status_code == 405
     assert not Message.objects.exists()
+
+
+# --- Cancelling a reply -----------------------------------------------------------------
+
+
+async def _chat_with_a_queued_reply(user) -> tuple[Conversation, ChatSocket, dict]:
+    """A conversation with a socket open on it and a message sent: its job is on the queue."""
+    conversation = await sync_to_async(conversation_create)(owner=user, title="To cancel")
+    socket = await ChatSocket.open(conversation.id, user=user)
+    await socket.receive()  # hello
+    await socket.send({"type": "message", "content": "Tell me a long story"})
+    queued = await socket.receive()
+    assert queued["type"] == "queued", queued
+    return conversation, socket, queued
+
+
+async def test_it_cancels_a_queued_reply_before_any_provider_call(alice, fake_llm, start_worker):
+    conversation, socket, queued = await _chat_with_a_queued_reply(alice)
+
+    response = await sync_to_async(client_as(alice).post)(
+        cancel_url(conversation.id, queued["job_id"])
+    )
+    done = await socket.receive()
+    late = await asyncio.to_thread(start_worker, "late")
+    await asyncio.to_thread(
+        late.wait_for_line,
+        f"job {queued['job_id']}: acknowledged \\(reply already finished\\)",
+        60,
+    )
+
+    assert response.status_code == 202
+    assert response.json() == {"job_id": queued["job_id"], "status": "cancelled"}
+    assert (done["type"], done["job_id"], done["status"], done["content"]) == (
+        "done",
+        queued["job_id"],
+        "cancelled",
+        "",
+    )
+    reply = await Message.objects.aget(job_id=queued["job_id"])
+    assert (reply.status, reply.content) == ("cancelled", "")
+    assert reply.finished_at is not None
+    assert fake_llm.requests == []
+    await socket.close()
+
+
+async def test_it_cancels_a_streaming_reply_through_its_worker(alice, fake_llm, worker):
+    fake_llm.default = Behaviour(tokens=[" x"] * 200, interval=0.05)
+    conversation, socket, queued = await _chat_with_a_queued_reply(alice)
+    await asyncio.to_thread(fake_llm.wait_for_requests, 1, 60)
+    await socket.receive_until("delta", timeout=60)  # some text exists to keep
+
+    cancelled_at = time.monotonic()
+    response = await sync_to_async(client_as(alice).post)(
+        cancel_url(conversation.id, queued["job_id"])
+    )
+    provider_gone_at = await asyncio.to_thread(fake_llm.wait_for_disconnect, 30)
+    done = (await socket.receive_until("done", timeout=60))[-1]
+
+    assert response.status_code == 202
+    # The worker, another process, may have saved the cancel before the status was read.
+    assert response.json()["job_id"] == queued["job_id"]
+    assert response.json()["status"] in ("streaming", "cancelled")
+    assert provider_gone_at - cancelled_at < 1.0
+    assert done["status"] == "cancelled"
+    assert 0 < len(done["content"]) < len(" x" * 200)
+    assert (" x" * 200).startswith(done["content"])
+    reply = await Message.objects.aget(job_id=queued["job_id"])
+    assert (reply.status, reply.content) == ("cancelled", done["content"])
+    assert len(fake_llm.requests) == 1
+    await socket.close()
+
+
+def test_it_returns_404_for_cancelling_in_another_users_conversation(alice, bob):
+    conversation = conversation_create(owner=alice, title="Alice's")
+    sent = message_send(conversation=conversation, content="Hello")
+    response = client_as(bob).post(cancel_url(conversation.id, sent.reply.job_id))
+    assert response.status_code == 404
+    assert Message.objects.get(id=sent.reply.id).status == "queued"
+
+
+def test_it_returns_404_for_cancelling_an_unknown_job(alice):
+    conversation = conversation_create(owner=alice)
+    message_send(conversation=conversation, content="Hello")
+    response = client_as(alice).post(cancel_url(conversation.id, uuid.uuid4()))
+    assert response.status_code == 404
+
+
+def test_it_returns_404_for_cancelling_a_job_of_another_conversation(alice):
+    conversation = conversation_create(owner=alice, title="Here")
+    elsewhere = conversation_create(owner=alice, title="Elsewhere")
+    sent = message_send(conversation=elsewhere, content="Hello")
+    response = client_as(alice).post(cancel_url(conversation.id, sent.reply.job_id))
+    assert response.status_code == 404
+    assert Message.objects.get(id=sent.reply.id).status == "queued"
+
+
+def test_it_returns_401_for_cancelling_without_credentials(alice):
+    conversation = conversation_create(owner=alice)
+    sent = message_send(conversation=conversation, content="Hello")
+    response = APIClient().post(cancel_url(conversation.id, sent.reply.job_id))
+    assert response.status_code == 401
+    assert Message.objects.get(id=sent.reply.id).status == "queued"
+
+
+def test_it_returns_409_for_cancelling_a_finished_reply(alice):
+    conversation = conversation_create(owner=alice)
+    answered(conversation, "Hello", "Hi there.")
+    reply = Message.objects.get(conversation=conversation, role="assistant")
+    response = client_as(alice).post(cancel_url(conversation.id, reply.job_id))
+    assert response.status_code == 409
+    assert response.json() == {"detail": "The reply has already finished.", "status": "complete"}
+    reply.refresh_from_db()
+    assert (reply.status, reply.content) == ("complete", "Hi there.")
+
+
+def test_it_returns_409_for_cancelling_a_reply_twice(alice):
+    conversation = conversation_create(owner=alice)
+    sent = message_send(conversation=conversation, content="Hello")
+    client = client_as(alice)
+    first = client.post(cancel_url(conversation.id, sent.reply.job_id))
+    second = client.post(cancel_url(conversation.id, sent.reply.job_id))
+    assert (first.status_code, first.json()["status"]) == (202, "cancelled")
+    assert second.status_code == 409
+    assert second.json()["status"] == "cancelled"

@@ -1,0 +1,335 @@
+"""The browser pages as a browser sees them: sign-in, the conversation list, the chat page."""
+
+import re
+import uuid
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.test import Client
+
+from chat.models import Conversation, Message
+from chat.services import conversation_create, message_send, reply_complete, reply_start
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+LOGIN_URL = "/accounts/login/"
+LOGOUT_URL = "/accounts/logout/"
+LIST_URL = "/"
+DEMO_BANNER = "Demo model: answers are canned"
+EMPTY_HIDDEN = re.compile(r'<p id="transcript-empty"[^>]*\shidden[\s>]')
+STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
+
+
+def chat_url(conversation_id: object) -> str:
+    return f"/c/{conversation_id}/"
+
+
+def client_for(user) -> Client:
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def answered(conversation: Conversation, question: str, answer: str) -> None:
+    sent = message_send(conversation=conversation, content=question)
+    start = reply_start(reply_id=sent.reply.id, default_model="test-model")
+    assert start is not None
+    assert reply_complete(reply_id=sent.reply.id, attempt=start.attempt, content=answer, usage=None)
+
+
+def served(response) -> bytes:
+    body = b"".join(response.streaming_content) if response.streaming else response.content
+    response.close()
+    return body
+
+
+# --- Signing in and out -----------------------------------------------------------------
+
+
+def test_it_renders_the_login_page():
+    response = Client().get(LOGIN_URL)
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert 'name="username"' in html
+    assert 'name="password"' in html
+    assert "csrfmiddlewaretoken" in html
+
+
+def test_it_redirects_a_good_login_to_the_conversation_list(alice):
+    client = Client()
+    response = client.post(
+        LOGIN_URL, {"username": "alice", "password": "alice-password-1"}, follow=True
+    )
+    assert response.redirect_chain == [(LIST_URL, 302)]
+    assert response.status_code == 200
+    assert response.context["user"] == alice
+    assert "Your conversations" in response.content.decode()
+
+
+def test_it_redirects_a_good_login_to_the_page_asked_for(alice):
+    conversation = conversation_create(owner=alice, title="Where I was")
+    response = Client().post(
+        LOGIN_URL,
+        {"username": "alice", "password": "alice-password-1", "next": chat_url(conversation.id)},
+    )
+    assert response.status_code == 302
+    assert response["Location"] == chat_url(conversation.id)
+
+
+def test_it_shows_an_error_for_a_bad_login(alice):
+    client = Client()
+    response = client.post(LOGIN_URL, {"username": "alice", "password": "bob-password-1"})
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert 'class="form-errors" role="alert"' in html
+    assert "Please enter a correct username and password" in html
+    assert "_auth_user_id" not in client.session
+    assert client.get(LIST_URL).status_code == 302
+
+
+def test_it_logs_out_on_post(alice):
+    client = client_for(alice)
+    response = client.post(LOGOUT_URL)
+    assert response.status_code == 302
+    assert response["Location"] == LOGIN_URL
+    assert "_auth_user_id" not in client.session
+    assert client.get(LIST_URL)["Location"] == f"{LOGIN_URL}?next=/"
+
+
+def test_it_does_not_log_out_on_get(alice):
+    client = client_for(alice)
+    assert client.get(LOGOUT_URL).status_code == 405
+    assert client.get(LIST_URL).status_code == 200
+
+
+def test_it_offers_the_logout_button_to_a_signed_in_user(alice):
+    html = client_for(alice).get(LIST_URL).content.decode()
+    assert f'action="{LOGOUT_URL}"' in html
+    assert 'title="Signed in as alice"' in html
+
+
+# --- Anonymous visitors -----------------------------------------------------------------
+
+
+def test_it_redirects_an_anonymous_visitor_from_the_list_to_login():
+    response = Client().get(LIST_URL)
+    assert response.status_code == 302
+    assert response["Location"] == f"{LOGIN_URL}?next=/"
+
+
+def test_it_redirects_an_anonymous_visitor_from_a_chat_page_to_login(alice):
+    conversation = conversation_create(owner=alice, title="Private thoughts")
+    message_send(conversation=conversation, content="private question")
+    response = Client().get(chat_url(conversation.id))
+    assert response.status_code == 302
+    assert response["Location"] == f"{LOGIN_URL}?next={chat_url(conversation.id)}"
+    assert b"private" not in response.content.lower()
+
+
+def test_it_creates_nothing_for_an_anonymous_post(alice):
+    response = Client().post(LIST_URL, {"title": "Sneaky"})
+    assert response.status_code == 302
+    assert response["Location"].startswith(LOGIN_URL)
+    assert not Conversation.objects.exists()
+
+
+# --- The conversation list --------------------------------------------------------------
+
+
+def test_it_lists_only_the_users_own_conversations(alice, bob):
+    conversation_create(owner=alice, title="Alice plans a picnic")
+    conversation_create(owner=bob, title="Bob hides the honey")
+    response = client_for(alice).get(LIST_URL)
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert "Alice plans a picnic" in html
+    assert "Bob hides the honey" not in html
+    assert [c.title for c in response.context["conversations"]] == ["Alice plans a picnic"]
+
+
+def test_it_links_each_conversation_to_its_chat_page(alice):
+    conversation = conversation_create(owner=alice, title="Linked")
+    html = client_for(alice).get(LIST_URL).content.decode()
+    assert f'href="{chat_url(conversation.id)}"' in html
+
+
+def test_it_says_so_when_there_is_no_conversation_yet(alice, bob):
+    conversation_create(owner=bob, title="Bob's only")
+    html = client_for(alice).get(LIST_URL).content.decode()
+    assert "No conversations yet" in html
+
+
+def test_it_creates_a_conversation_and_redirects_to_it(alice):
+    response = client_for(alice).post(
+        LIST_URL, {"title": "  Bears  ", "system_prompt": "You are a bear."}
+    )
+    conversation = Conversation.objects.get()
+    assert response.status_code == 302
+    assert response["Location"] == chat_url(conversation.id)
+    assert conversation.owner == alice
+    assert conversation.title == "Bears"
+    assert conversation.system_prompt == "You are a bear."
+
+
+def test_it_creates_an_untitled_conversation_from_an_empty_form(alice):
+    response = client_for(alice).post(LIST_URL, {})
+    conversation = Conversation.objects.get()
+    assert response["Location"] == chat_url(conversation.id)
+    assert (conversation.title, conversation.system_prompt) == ("", "")
+
+
+def test_it_refuses_a_title_over_200_characters(alice):
+    response = client_for(alice).post(LIST_URL, {"title": "t" * 201, "system_prompt": "Hi"})
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert "Ensure this value has at most 200 characters (it has 201)." in html
+    assert "t" * 201 in html  # the form keeps what was typed
+    assert not Conversation.objects.exists()
+
+
+def test_it_accepts_a_title_of_200_characters(alice):
+    response = client_for(alice).post(LIST_URL, {"title": "t" * 200})
+    assert response.status_code == 302
+    assert Conversation.objects.get().title == "t" * 200
+
+
+def test_it_refuses_a_system_prompt_over_the_message_limit(alice):
+    prompt = "p" * (settings.CHAT_MAX_MESSAGE_CHARS + 1)
+    response = client_for(alice).post(LIST_URL, {"system_prompt": prompt})
+    assert response.status_code == 200
+    assert "Ensure this value has at most" in response.content.decode()
+    assert not Conversation.objects.exists()
+
+
+# --- The chat page ----------------------------------------------------------------------
+
+
+def test_it_renders_the_transcript_in_order(alice):
+    conversation = conversation_create(owner=alice, title="Bear facts")
+    answered(conversation, "What do bears eat?", "Mostly berries.")
+    answered(conversation, "And in winter?", "Nothing, they sleep.")
+    response = client_for(alice).get(chat_url(conversation.id))
+    assert response.status_code == 200
+    html = response.content.decode()
+    turns = [
+        'data-role="user"',
+        "What do bears eat?",
+        'data-role="assistant"',
+        "Mostly berries.",
+        'data-role="user"',
+        "And in winter?",
+        'data-role="assistant"',
+        "Nothing, they sleep.",
+    ]
+    at = html.index('id="transcript"')
+    for turn in turns:
+        at = html.find(turn, at + 1)
+        assert at != -1, f"{turn!r} missing or out of order"
+    assert "Bear facts" in html
+    assert EMPTY_HIDDEN.search(html)  # the "No messages yet" line is hidden
+
+
+def test_it_marks_a_reply_still_queued(alice):
+    conversation = conversation_create(owner=alice)
+    sent = message_send(conversation=conversation, content="Anyone there?")
+    html = client_for(alice).get(chat_url(conversation.id)).content.decode()
+    assert f'data-job-id="{sent.reply.job_id}" data-status="queued"' in html
+    assert "waiting…" in html
+
+
+def test_it_shows_an_empty_transcript_prompt_for_a_new_conversation(alice):
+    conversation = conversation_create(owner=alice)
+    html = client_for(alice).get(chat_url(conversation.id)).content.decode()
+    assert "No messages yet" in html
+    assert not EMPTY_HIDDEN.search(html)
+    assert "Untitled conversation" in html
+
+
+def test_it_escapes_the_html_in_messages(alice):
+    conversation = conversation_create(owner=alice, title="<b>bold</b> title")
+    answered(conversation, "<script>alert(1)</script>", "<img src=x onerror=alert(2)>")
+    html = client_for(alice).get(chat_url(conversation.id)).content.decode()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<script>alert(1)</script>" not in html
+    assert "&lt;img src=x onerror=alert(2)&gt;" in html
+    assert "<img src=x" not in html
+    assert "&lt;b&gt;bold&lt;/b&gt; title" in html
+    assert "<b>bold</b>" not in html
+
+
+def test_it_gives_the_script_the_conversation_and_socket_path(alice):
+    conversation = conversation_create(owner=alice)
+    html = client_for(alice).get(chat_url(conversation.id)).content.decode()
+    assert f'data-conversation-id="{conversation.id}"' in html
+    assert f'data-ws-path="/ws/chat/{conversation.id}/"' in html
+    assert 'src="/static/chat/chat.js"' in html
+    assert f'maxlength="{settings.CHAT_MAX_MESSAGE_CHARS}"' in html
+
+
+def test_it_shows_the_system_prompt_on_the_chat_page(alice):
+    conversation = conversation_create(owner=alice, system_prompt="You are a <grizzly> bear.")
+    html = client_for(alice).get(chat_url(conversation.id)).content.decode()
+    assert "You are a &lt;grizzly&gt; bear." in html
+
+
+def test_it_returns_404_for_another_users_chat_page(alice, bob):
+    conversation = conversation_create(owner=alice, title="Alice's diary")
+    message_send(conversation=conversation, content="dear diary")
+    response = client_for(bob).get(chat_url(conversation.id))
+    assert response.status_code == 404
+    assert b"diary" not in response.content
+
+
+def test_it_returns_404_for_an_unknown_chat_page(alice):
+    assert client_for(alice).get(chat_url(uuid.uuid4())).status_code == 404
+
+
+def test_it_does_not_accept_posts_on_the_chat_page(alice):
+    conversation = conversation_create(owner=alice)
+    response = client_for(alice).post(chat_url(conversation.id), {"content": "sneaky"})
+    assert response.status_code == 405
+    assert not Message.objects.exists()
+
+
+# --- The demo banner --------------------------------------------------------------------
+
+
+def test_it_shows_the_demo_banner_without_an_api_key(alice, settings):
+    settings.OPENAI_API_KEY = ""
+    conversation = conversation_create(owner=alice)
+    client = client_for(alice)
+    assert DEMO_BANNER in client.get(LIST_URL).content.decode()
+    assert DEMO_BANNER in client.get(chat_url(conversation.id)).content.decode()
+
+
+def test_it_hides_the_demo_banner_with_an_api_key(alice, settings):
+    settings.OPENAI_API_KEY = "sk-test-key"
+    conversation = conversation_create(owner=alice)
+    client = client_for(alice)
+    assert DEMO_BANNER not in client.get(LIST_URL).content.decode()
+    assert DEMO_BANNER not in client.get(chat_url(conversation.id)).content.decode()
+
+
+# --- Static files -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type"),
+    [("chat/chat.js", "text/javascript"), ("chat/style.css", "text/css")],
+)
+def test_it_serves_the_static_files_from_the_source_tree(path, content_type):
+    response = Client().get(f"/static/{path}")
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith(content_type)
+    # Whitenoise's finders serve static/ itself, not an older collectstatic copy.
+    assert served(response) == (STATIC_DIR / path).read_bytes()
+
+
+def test_it_links_the_stylesheet_from_every_page():
+    html = Client().get(LOGIN_URL).content.decode()
+    assert 'href="/static/chat/style.css"' in html
+
+
+def test_it_returns_404_for_an_unknown_static_file():
+    assert Client().get("/static/chat/missing.js").status_code == 404

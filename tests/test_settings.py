@@ -1,0 +1,69 @@
+"""The settings file: production settings pass Django's deployment checks, and bad values
+stop the process at start-up instead of running with a silent default."""
+
+import secrets
+import subprocess
+import sys
+
+from tests.support.processes import ROOT
+
+PRODUCTION = {
+    "DJANGO_DEBUG": "0",
+    "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
+    "DJANGO_ALLOWED_HOSTS": "chat.example.com",
+    "DJANGO_SECURE_SSL_REDIRECT": "1",
+    "DJANGO_SESSION_COOKIE_SECURE": "1",
+    "DJANGO_CSRF_COOKIE_SECURE": "1",
+    "DJANGO_SECURE_HSTS_SECONDS": "31536000",
+    "DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS": "1",
+    "DJANGO_SECURE_HSTS_PRELOAD": "1",
+    "DATABASE_URL": "postgres://grizz@db.example.com:5432/grizz",
+    "PATH": "/usr/bin:/bin",
+}
+
+
+def _manage(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_production_settings_pass_the_deployment_checks():
+    result = _manage("check", "--deploy", "--fail-level", "WARNING", **PRODUCTION)
+    assert result.returncode == 0, result.stderr
+    assert "no issues" in result.stdout
+
+
+def test_it_refuses_to_start_without_a_secret_key_in_production():
+    env = {**PRODUCTION, "DJANGO_SECRET_KEY": ""}
+    result = _manage("check", **env)
+    assert result.returncode != 0
+    assert "DJANGO_SECRET_KEY must be set" in result.stderr
+
+
+def test_it_has_a_development_secret_only_in_debug():
+    env = {**PRODUCTION, "DJANGO_SECRET_KEY": "", "DJANGO_DEBUG": "1"}
+    assert _manage("check", **env).returncode == 0
+
+
+def test_it_rejects_a_malformed_number():
+    result = _manage("check", **{**PRODUCTION, "LLM_JOB_LEASE_SECONDS": "thirty"})
+    assert result.returncode != 0
+    assert "LLM_JOB_LEASE_SECONDS must be a number" in result.stderr
+
+
+def test_it_rejects_a_malformed_rate():
+    result = _manage("check", **{**PRODUCTION, "CHAT_RATE_LIMIT": "20 per minute"})
+    assert result.returncode != 0
+    assert "CHAT_RATE_LIMIT must look like 20/min" in result.stderr
+
+
+def test_it_rejects_a_malformed_boolean():
+    result = _manage("check", **{**PRODUCTION, "DJANGO_DEBUG": "maybe"})
+    assert result.returncode != 0
+    assert "DJANGO_DEBUG must be a boolean" in result.stderr
