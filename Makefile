@@ -35,8 +35,10 @@ format:
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# The bench starts its own Redis, database and Grizz processes (see bench/README.md);
+# e.g. `make bench BENCH_ARGS=--quick` for a smoke run.
 bench: install
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var staticfiles

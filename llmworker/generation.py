@@ -10,20 +10,27 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from chat import services as chat_services
 from chat.services import ReplyStart
+from llmworker.breaker import CircuitBreaker, Permit, breaker_for
 from llmworker.jobs import Job
-from llmworker.providers import Provider, ProviderError, model_default
+from llmworker.providers import Chunk, Provider, ProviderError, model_default
 from llmworker.replies import ReplyPublisher, StaleAttempt
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+UNAVAILABLE_MESSAGE = "The model provider is unavailable; your reply will continue when it is back."
 
 reply_start = sync_to_async(chat_services.reply_start)
 reply_complete = sync_to_async(chat_services.reply_complete)
@@ -45,6 +52,59 @@ class Result:
 
 class CancelledByUser(Exception):
     pass
+
+
+class ResultTimeout(Exception):
+    """The provider sent nothing for LLM_RESULT_TIMEOUT_SECONDS."""
+
+    def __init__(self, seconds: float) -> None:
+        self.message = (
+            f"The model provider sent nothing for {seconds:g} seconds; the reply was stopped."
+        )
+        super().__init__(self.message)
+
+
+class Watchdog:
+    """The result timeout of one reply: how long its provider may send nothing, across
+    retries and their backoff. A retry does not start the clock again (only a chunk does):
+    retries cannot stretch a user's wait for a silent provider past the bound.
+
+    Two timeouts, two jobs. The openai client's (LLM_REQUEST_TIMEOUT_SECONDS, 60) bounds
+    each read of one request and turns a stalled request into a retryable error; this one
+    (LLM_RESULT_TIMEOUT_SECONDS, 120) ends the reply, failed with `timeout`, when the
+    retries bring nothing either. Set it below the request timeout and a stall is never
+    retried. Time spent waiting for the circuit breaker does not count: the user was told
+    (`llm_unavailable`) and the provider was not asked."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.deadline = 0.0
+        self.kick()
+
+    def kick(self) -> None:
+        self.deadline = asyncio.get_running_loop().time() + self.seconds
+
+    async def within(self, awaitable: Awaitable[T]) -> T:
+        """Await, raising ResultTimeout at the deadline. The await is cancelled: a provider
+        stream cancelled mid-read closes its HTTP response, so nothing more is paid for."""
+        scope = asyncio.timeout_at(self.deadline)
+        try:
+            async with scope:
+                return await awaitable
+        except TimeoutError:
+            if scope.expired():
+                raise ResultTimeout(self.seconds) from None
+            raise
+
+
+async def _next_chunk(chunks: AsyncGenerator[Chunk, None], watchdog: Watchdog) -> Chunk | None:
+    """The provider's next chunk (None at the end of the stream), within the watchdog."""
+    try:
+        chunk = await watchdog.within(anext(chunks))
+    except StopAsyncIteration:
+        return None
+    watchdog.kick()
+    return chunk
 
 
 class DeltaBatcher:
@@ -101,6 +161,12 @@ class ReplyGeneration:
     parts: list[str] = field(default_factory=list)
     usage: dict[str, int] | None = None
     sent_any_delta: bool = False
+    # The sockets were told the provider is unavailable, and nothing has come since.
+    told_unavailable: bool = False
+
+    def __post_init__(self) -> None:
+        # Shared by every job of the process that calls the same provider.
+        self.breaker: CircuitBreaker = breaker_for(self.provider.base_url)
 
     def cancel(self) -> None:
         self.cancel_requested.set()
@@ -136,6 +202,8 @@ class ReplyGeneration:
             return await self._finish_cancelled(start)
         except ProviderError as error:
             return await self._fail(start, error.message)
+        except ResultTimeout as timeout:
+            return await self._fail(start, timeout.message, code="timeout")
         content = "".join(self.parts)
         if not await reply_complete(
             reply_id=self.job.reply_id, attempt=start.attempt, content=content, usage=self.usage
@@ -164,9 +232,10 @@ class ReplyGeneration:
         work.result()
 
     async def _generate_with_retries(self, start: ReplyStart) -> None:
+        watchdog = Watchdog(settings.LLM_RESULT_TIMEOUT_SECONDS)
         for retry in range(settings.LLM_RETRY_LIMIT + 1):
             try:
-                return await self._stream_once(start)
+                return await self._call_provider(start, watchdog)
             except ProviderError as error:
                 if not error.retryable or retry == settings.LLM_RETRY_LIMIT:
                     raise
@@ -178,26 +247,79 @@ class ReplyGeneration:
                     retry + 1,
                     delay,
                 )
-                await asyncio.sleep(delay)
+                await watchdog.within(asyncio.sleep(delay))
 
-    async def _stream_once(self, start: ReplyStart) -> None:
+    async def _call_provider(self, start: ReplyStart, watchdog: Watchdog) -> None:
+        """One provider call, once the circuit breaker lets it through; tells the breaker
+        how it went."""
+        permit = await self._breaker_pass(watchdog)
+        try:
+            await self._stream_once(start, permit, watchdog)
+        except ProviderError as error:
+            if error.retryable:  # a 400 says nothing about the provider's health
+                permit.failed()
+            raise
+        except ResultTimeout:
+            permit.failed()  # a provider that hangs is as unavailable as one that refuses
+            raise
+        finally:
+            permit.release()  # no verdict (a 400, a cancel): another job may probe
+
+    async def _breaker_pass(self, watchdog: Watchdog) -> Permit:
+        """Leave to call the provider. While its circuit is open the job waits: it does not
+        fail, does not spend a retry, and its sockets are told once."""
+        waited = False
+        while (permit := self.breaker.admit()) is None:
+            waited = True
+            if not self.told_unavailable:
+                await self._tell_unavailable()
+            await self.breaker.wait_for_change()
+        if waited:
+            watchdog.kick()  # the wait was the breaker's, not the provider's silence
+        if permit.probe:
+            logger.info("job %s: probes the provider", self.job.job_id)
+        return permit
+
+    async def _tell_unavailable(self) -> None:
+        # Half-open with a probe in flight, the answer is a moment away: say 1 s, not 0.
+        retry_after = max(1, math.ceil(self.breaker.seconds_until_half_open()))
+        logger.warning(
+            "job %s: the provider's circuit is open; waiting (about %ds)",
+            self.job.job_id, retry_after,
+        )  # fmt: skip
+        # Not `publisher.error()`: that frame ends the reply (and shortens the log's TTL).
+        # This one is in the replay log with a seq like the deltas, and the reply goes on.
+        await self.publisher._emit(
+            "error", code="llm_unavailable", message=UNAVAILABLE_MESSAGE, retry_after=retry_after
+        )
+        self.told_unavailable = True
+
+    async def _stream_once(self, start: ReplyStart, permit: Permit, watchdog: Watchdog) -> None:
         if self.sent_any_delta:
             # The user saw part of an answer that broke off: tell them it starts over.
             await self.publisher.restart()
         self.parts.clear()
         self.usage = None
         batcher = DeltaBatcher(self.publisher.delta)
+        chunks = self.provider.stream(messages=start.prompt, model=start.model)
         try:
-            async for chunk in self.provider.stream(messages=start.prompt, model=start.model):
-                if chunk.text:
-                    self.parts.append(chunk.text)
-                    batcher.push(chunk.text)
-                    self.sent_any_delta = True
-                if chunk.usage is not None:
-                    self.usage = chunk.usage
+            while (chunk := await _next_chunk(chunks, watchdog)) is not None:
+                permit.succeeded()  # the provider answers: the waiting jobs may go
+                self.told_unavailable = False
+                self._take(chunk, batcher)
             await batcher.flush()
         finally:
             batcher.abort()
+            # Ends the HTTP stream at once if we stop early (a failed send of deltas).
+            await chunks.aclose()
+
+    def _take(self, chunk: Chunk, batcher: DeltaBatcher) -> None:
+        if chunk.text:
+            self.parts.append(chunk.text)
+            batcher.push(chunk.text)
+            self.sent_any_delta = True
+        if chunk.usage is not None:
+            self.usage = chunk.usage
 
     async def _finish_cancelled(self, start: ReplyStart) -> Result:
         content = "".join(self.parts)
@@ -215,11 +337,11 @@ class ReplyGeneration:
         logger.info("job %s: cancelled after %d characters", self.job.job_id, len(content))
         return Result(Outcome.ACK)
 
-    async def _fail(self, start: ReplyStart, message: str) -> Result:
+    async def _fail(self, start: ReplyStart, message: str, *, code: str = "llm_error") -> Result:
         logger.warning("job %s: failed: %s", self.job.job_id, message)
         if not await reply_fail(reply_id=self.job.reply_id, attempt=start.attempt, error=message):
             raise StaleAttempt()
-        await self.publisher.error(code="llm_error", message=message)
+        await self.publisher.error(code=code, message=message)
         return Result(Outcome.DEAD_LETTER, reason=message, attempts=start.attempt)
 
     async def _give_up(self, start: ReplyStart) -> Result:

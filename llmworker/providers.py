@@ -5,7 +5,7 @@
 """
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -33,8 +33,12 @@ class ProviderError(Exception):
 
 class Provider(Protocol):
     name: str
+    base_url: str  # where the requests go: each has its own circuit breaker (breaker.py)
 
-    def stream(self, *, messages: list[dict[str, str]], model: str) -> AsyncIterator[Chunk]: ...
+    # An async generator: the caller closes it (aclose) to end the HTTP stream early.
+    def stream(
+        self, *, messages: list[dict[str, str]], model: str
+    ) -> AsyncGenerator[Chunk, None]: ...
 
 
 def demo_mode_active() -> bool:
@@ -63,8 +67,11 @@ class OpenAIProvider:
         self.client = openai.AsyncOpenAI(
             api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0
         )
+        self.base_url = str(self.client.base_url)
 
-    async def stream(self, *, messages: list[dict[str, str]], model: str) -> AsyncIterator[Chunk]:
+    async def stream(
+        self, *, messages: list[dict[str, str]], model: str
+    ) -> AsyncGenerator[Chunk, None]:
         try:
             stream = await self.client.chat.completions.create(
                 model=model,
@@ -135,11 +142,14 @@ DEMO_REPLY = (
 
 class DemoProvider:
     name = "demo"
+    base_url = "demo:"
 
     def __init__(self, *, interval: float = 0.03) -> None:
         self.interval = interval
 
-    async def stream(self, *, messages: list[dict[str, str]], model: str) -> AsyncIterator[Chunk]:
+    async def stream(
+        self, *, messages: list[dict[str, str]], model: str
+    ) -> AsyncGenerator[Chunk, None]:
         words = DEMO_REPLY.split(" ")
         for index, word in enumerate(words):
             await asyncio.sleep(self.interval)
