@@ -43,6 +43,10 @@ message_find_sent = database_sync_to_async(services.message_find_sent)
 reply_for_job = database_sync_to_async(services.reply_for_job)
 
 
+# Tasks that outlive the call that started them, kept here so they are not collected.
+_background_tasks: set[asyncio.Task[None]] = set()
+
+
 def _utf8_length_over(text: str, limit: int) -> bool:
     # A character is at most 4 bytes: only text near the limit needs encoding to be sure.
     return len(text) > limit or (len(text) * 4 > limit and len(text.encode()) > limit)
@@ -234,8 +238,17 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         return not (settings.CHAT_LIMITS_EXEMPT_STAFF and self.scope["user"].is_staff)
 
     async def _release(self, job_id: str) -> None:
+        """Give back the user's slot, in the background: the answer to the client must not
+        wait on a Redis that may be the reason for the failure."""
+        task = asyncio.create_task(self._release_now(job_id))
+        _background_tasks.add(task)
+        task.add_done_callback(_background_tasks.discard)
+
+    async def _release_now(self, job_id: str) -> None:
         with contextlib.suppress(*UNAVAILABLE_ERRORS):
-            await user_release(user_id=self.scope["user"].id, job_id=job_id)
+            await asyncio.wait_for(
+                user_release(user_id=self.scope["user"].id, job_id=job_id), REDIS_CALL_TIMEOUT
+            )
 
     async def _refuse_message(self, refusal: Refusal, client_msg_id: str | None) -> None:
         # A resend of a message accepted before is answered as before, whatever the limits.
