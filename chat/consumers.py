@@ -40,6 +40,7 @@ conversation_active_job = database_sync_to_async(services.conversation_active_jo
 message_send = database_sync_to_async(services.message_send)
 message_retract = database_sync_to_async(services.message_retract)
 message_find_sent = database_sync_to_async(services.message_find_sent)
+user_priority = database_sync_to_async(services.user_priority)
 reply_for_job = database_sync_to_async(services.reply_for_job)
 
 
@@ -65,6 +66,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     # per socket would add nothing, and a Redis blip in it would end every socket.
     channel_layer_alias = "none"
     conversation: Conversation | None = None
+    priority: str | None = None  # of this user's jobs, read once per socket
 
     async def connect(self) -> None:
         self.socket_id = uuid.uuid4().hex  # tells this socket's announcements from others'
@@ -273,11 +275,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self.send_json(queued)
 
     async def _enqueue(self, sent: services.SentMessage) -> bool:
+        if self.priority is None:
+            self.priority = await user_priority(user=self.scope["user"])
         job = Job(
             job_id=str(sent.reply.job_id),
             reply_id=str(sent.reply.id),
             conversation_id=str(sent.reply.conversation_id),
             user_id=str(self.scope["user"].id),
+            priority=self.priority,
         )
         # Other sockets on the conversation learn of the message on the channel its reply
         # frames will follow, so they always see the message before its answer.

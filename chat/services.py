@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
 from django.db.models import Max
@@ -29,6 +30,13 @@ def conversation_create(
     return Conversation.objects.create(
         owner=owner, title=title.strip(), system_prompt=system_prompt, model=model.strip()
     )
+
+
+def user_priority(*, user: AbstractBaseUser) -> str:
+    """ "high" for staff and members of CHAT_PRIORITY_GROUP: their replies are read first."""
+    if user.is_staff or user.groups.filter(name=settings.CHAT_PRIORITY_GROUP).exists():
+        return "high"
+    return "normal"
 
 
 def conversation_get_for_user(

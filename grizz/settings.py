@@ -238,6 +238,10 @@ LLM_SLOWDOWN_PENDING_JOBS = envint("LLM_SLOWDOWN_PENDING_JOBS", 3000, minimum=1)
 LLM_MAX_PENDING_JOBS = envint("LLM_MAX_PENDING_JOBS", 5000, minimum=1)
 # How long a web process trusts its last reading of the queue's length.
 LLM_QUEUE_DEPTH_CACHE_SECONDS = envfloat("LLM_QUEUE_DEPTH_CACHE_SECONDS", 1.0)
+# Staff and members of this group get high-priority replies; high jobs take at most this
+# share of a worker's free slots while normal jobs wait.
+CHAT_PRIORITY_GROUP = envstr("CHAT_PRIORITY_GROUP", "priority")
+LLM_HIGH_PRIORITY_SHARE = envfloat("LLM_HIGH_PRIORITY_SHARE", 0.75)
 
 # The LLM provider. Without an API key the worker streams from the built-in demo model.
 OPENAI_API_KEY = envstr("OPENAI_API_KEY", "")

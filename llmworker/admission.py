@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
+from llmworker.queue import PRIORITIES
 from llmworker.redis import jobs_stream_key, redis_get, user_inflight_key, user_rate_key
 
 # A reply in flight is counted until its worker releases it; this bound only stops a lost
@@ -97,7 +98,10 @@ async def queue_depth() -> int:
     loop = asyncio.get_running_loop()
     read_at, depth = _depth_cache.get(loop, (-math.inf, 0))
     if loop.time() - read_at >= settings.LLM_QUEUE_DEPTH_CACHE_SECONDS:
-        depth = await redis_get().xlen(jobs_stream_key())
+        async with redis_get().pipeline(transaction=False) as pipe:
+            for priority in PRIORITIES:
+                pipe.xlen(jobs_stream_key(priority))
+            depth = sum(await pipe.execute())
         _depth_cache[loop] = (loop.time(), depth)
     return depth
 

@@ -13,6 +13,7 @@ class Job:
     reply_id: str
     conversation_id: str
     user_id: str = ""  # whose in-flight count the job holds until it finishes
+    priority: str = "normal"  # or "high": read first by the workers (queue.py)
 
     def to_fields(self) -> dict[str, str]:
         return asdict(self)

@@ -8,9 +8,11 @@ stalled past its lease cannot acknowledge a job another worker has taken over.
 """
 
 import logging
+import math
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from django.conf import settings
 from redis.exceptions import ResponseError
 
 from llmworker.jobs import InvalidJob, Job
@@ -83,22 +85,35 @@ async def job_enqueue(*, job: Job, announcement: str | None = None) -> str:
     async with redis_get().pipeline(transaction=True) as pipe:
         if announcement is not None:
             pipe.publish(conversation_channel(job.conversation_id), announcement)
-        pipe.xadd(jobs_stream_key(), job.to_fields())
+        pipe.xadd(jobs_stream_key(job.priority), job.to_fields())
         *_, entry_id = await pipe.execute()
     return entry_id
 
 
 async def jobs_live() -> set[str]:
-    """The ids of the jobs on the stream, delivered or not. Acknowledged entries are
-    deleted, so the stream holds just the work not yet done."""
-    entries = await redis_get().xrange(jobs_stream_key())
-    return {fields.get("job_id", "") for _, fields in entries}
+    """The ids of the jobs on the streams, delivered or not. Acknowledged entries are
+    deleted, so the streams hold just the work not yet done."""
+    live: set[str] = set()
+    for priority in PRIORITIES:
+        entries = await redis_get().xrange(jobs_stream_key(priority))
+        live.update(fields.get("job_id", "") for _, fields in entries)
+    return live
+
+
+# Read in this order: high-priority jobs (staff, CHAT_PRIORITY_GROUP) before normal ones.
+PRIORITIES = ("high", "normal")
 
 
 @dataclass(frozen=True)
 class Delivery:
     entry_id: str
     job: Job | None  # None when the entry is malformed: it is dead-lettered
+    stream: str = ""
+
+    @property
+    def key(self) -> str:
+        # Entry ids are only unique within a stream: two streams may each have <ms>-0.
+        return f"{self.stream}/{self.entry_id}"
 
 
 @dataclass(frozen=True)
@@ -109,84 +124,109 @@ class Reclaimed:
 
 @dataclass(frozen=True)
 class LeaseReport:
-    lost: list[str]
+    lost: list[str]  # Delivery.key of each
     cancelled: list[str]
 
 
 class JobQueue:
+    """A worker's view of the job streams, one per priority, read through one group."""
+
     def __init__(self, *, consumer: str, client: aioredis.Redis | None = None) -> None:
         self.consumer = consumer
         self.redis = client or redis_get()
-        self.stream = jobs_stream_key()
+        self.streams = [jobs_stream_key(priority) for priority in PRIORITIES]
         self.renew_script = self.redis.register_script(RENEW_SCRIPT)
         self.ack_script = self.redis.register_script(ACK_SCRIPT)
         self.dead_letter_script = self.redis.register_script(DEAD_LETTER_SCRIPT)
 
     async def group_ensure(self) -> None:
-        """Create the stream and the group if missing. From "0", so that a group recreated
+        """Create the streams and the group if missing. From "0", so that a group recreated
         after Redis lost its data still sees any entry written since."""
-        try:
-            await self.redis.xgroup_create(self.stream, WORKER_GROUP, id="0", mkstream=True)
-        except ResponseError as error:
-            if "BUSYGROUP" not in str(error):
-                raise
+        for stream in self.streams:
+            try:
+                await self.redis.xgroup_create(stream, WORKER_GROUP, id="0", mkstream=True)
+            except ResponseError as error:
+                if "BUSYGROUP" not in str(error):
+                    raise
 
-    async def read(self, *, count: int, block_ms: int, own_pending: bool = False) -> list[Delivery]:
-        """Read new jobs, blocking up to block_ms; with own_pending, re-read the jobs this
-        consumer name was given before and never acknowledged (a restart under one name)."""
+    async def read(self, *, count: int, block_ms: int) -> list[Delivery]:
+        """Up to `count` new jobs, high priority first. High jobs take at most
+        LLM_HIGH_PRIORITY_SHARE of the free slots while normal ones wait, so a stream of
+        high jobs cannot starve the others. With nothing waiting, block up to block_ms on
+        both streams (which may return one job more than `count`: one from each)."""
+        high_slots = max(1, math.floor(count * settings.LLM_HIGH_PRIORITY_SHARE))
+        high, normal = self.streams
+        got = await self._read({high: ">"}, count=min(count, high_slots))
+        if len(got) < count:
+            got += await self._read({normal: ">"}, count=count - len(got))
+        if not got:
+            got = await self._read({high: ">", normal: ">"}, count=1, block_ms=block_ms)
+        return got
+
+    async def read_own_pending(self, *, count: int) -> list[Delivery]:
+        """The jobs this consumer name was given before and never acknowledged: a worker
+        restarted under the same name resumes them at once."""
+        return await self._read({stream: "0" for stream in self.streams}, count=count)
+
+    async def _read(
+        self, streams: dict[str, str], *, count: int, block_ms: int | None = None
+    ) -> list[Delivery]:
         reply = await self.redis.xreadgroup(
-            WORKER_GROUP,
-            self.consumer,
-            {self.stream: "0" if own_pending else ">"},
-            count=count,
-            block=None if own_pending else block_ms,
+            WORKER_GROUP, self.consumer, streams, count=count, block=block_ms
         )
         return [
-            self._delivery(entry_id, data)
-            for _, entries in reply or []
+            self._delivery(stream, entry_id, data)
+            for stream, entries in reply or []
             for entry_id, data in entries
             if data  # an own pending entry since deleted comes back without fields
         ]
 
-    def _delivery(self, entry_id: str, data: dict[str, str]) -> Delivery:
+    def _delivery(self, stream: str, entry_id: str, data: dict[str, str]) -> Delivery:
         try:
-            return Delivery(entry_id, Job.from_fields(data))
+            return Delivery(entry_id, Job.from_fields(data), stream)
         except InvalidJob:
             logger.error("malformed job entry %s: %r", entry_id, data)
-            return Delivery(entry_id, None)
+            return Delivery(entry_id, None, stream)
 
     async def reclaim(self, *, min_idle_ms: int, count: int) -> Reclaimed:
         """Take over up to `count` jobs whose workers stopped renewing their lease, following
-        XAUTOCLAIM's cursor to the end of the pending list."""
-        cursor, deliveries, deleted = "0-0", [], []
-        while len(deliveries) < count:
-            cursor, entries, gone = await self.redis.xautoclaim(
-                self.stream, WORKER_GROUP, self.consumer, min_idle_ms, cursor,
-                count=count - len(deliveries),
-            )  # fmt: skip
-            deliveries += [self._delivery(entry_id, data) for entry_id, data in entries if data]
-            deleted += gone
-            if cursor == "0-0":
-                break
+        XAUTOCLAIM's cursor to the end of each stream's pending list."""
+        deliveries: list[Delivery] = []
+        deleted: list[str] = []
+        for stream in self.streams:
+            cursor = "0-0"
+            while len(deliveries) < count:
+                cursor, entries, gone = await self.redis.xautoclaim(
+                    stream, WORKER_GROUP, self.consumer, min_idle_ms, cursor,
+                    count=count - len(deliveries),
+                )  # fmt: skip
+                deliveries += [self._delivery(stream, i, data) for i, data in entries if data]
+                deleted += gone
+                if cursor == "0-0":
+                    break
         return Reclaimed(deliveries, deleted)
 
     async def renew(self, *, deliveries: list[Delivery]) -> LeaseReport:
-        if not deliveries:
-            return LeaseReport([], [])
-        lost, cancelled = await self.renew_script(
-            keys=[
-                self.stream,
-                *(reply_cancel_key(d.job.job_id if d.job else "") for d in deliveries),
-            ],
-            args=[WORKER_GROUP, self.consumer, *(d.entry_id for d in deliveries)],
-        )
-        return LeaseReport(list(lost), list(cancelled))
+        report = LeaseReport([], [])
+        for stream in self.streams:
+            mine = [d for d in deliveries if d.stream == stream]
+            if not mine:
+                continue
+            lost, cancelled = await self.renew_script(
+                keys=[stream, *(reply_cancel_key(d.job.job_id if d.job else "") for d in mine)],
+                args=[WORKER_GROUP, self.consumer, *(d.entry_id for d in mine)],
+            )
+            report.lost.extend(f"{stream}/{entry_id}" for entry_id in lost)
+            report.cancelled.extend(f"{stream}/{entry_id}" for entry_id in cancelled)
+        return report
 
-    async def ack(self, entry_id: str) -> bool:
+    async def ack(self, delivery: Delivery) -> bool:
         # Deleting the acknowledged entry keeps the stream as long as the work not yet done,
         # without MAXLEN trimming, which could drop entries still pending.
         return bool(
-            await self.ack_script(keys=[self.stream], args=[WORKER_GROUP, self.consumer, entry_id])
+            await self.ack_script(
+                keys=[delivery.stream], args=[WORKER_GROUP, self.consumer, delivery.entry_id]
+            )
         )
 
     async def dead_letter(self, delivery: Delivery, *, reason: str, attempts: int) -> bool:
@@ -201,7 +241,7 @@ class JobQueue:
         flat = [part for pair in fields.items() for part in pair]
         return bool(
             await self.dead_letter_script(
-                keys=[self.stream, dead_letter_key()],
+                keys=[delivery.stream, dead_letter_key()],
                 args=[WORKER_GROUP, self.consumer, delivery.entry_id, *flat],
             )
         )

@@ -53,8 +53,8 @@ def key(*parts: str) -> str:
     return ":".join(("{" + settings.REDIS_KEY_PREFIX + "}", *parts))
 
 
-def jobs_stream_key() -> str:
-    return key("jobs")
+def jobs_stream_key(priority: str = "normal") -> str:
+    return key("jobs") if priority == "normal" else key("jobs", priority)
 
 
 def dead_letter_key() -> str:

@@ -90,9 +90,7 @@ class Worker:
             asyncio.create_task(self._every(settings.LLM_RECONCILE_SECONDS, self._reconcile)),
             asyncio.create_task(self._cancels_listen()),
         ]
-        self._start_jobs(
-            await self.queue.read(count=self.concurrency, block_ms=0, own_pending=True)
-        )
+        self._start_jobs(await self.queue.read_own_pending(count=self.concurrency))
         while not self.shutdown.is_set():
             await self._step()
         for chore in chores:
@@ -172,14 +170,14 @@ class Worker:
 
     def _start_jobs(self, deliveries: list[Delivery]) -> None:
         for delivery in deliveries:
-            if delivery.entry_id in self.running:
+            if delivery.key in self.running:
                 continue
             task = asyncio.create_task(self._run_job(delivery), name=f"job-{delivery.entry_id}")
-            self.running[delivery.entry_id] = RunningJob(delivery, task)
-            task.add_done_callback(lambda _, entry_id=delivery.entry_id: self._forget(entry_id))
+            self.running[delivery.key] = RunningJob(delivery, task)
+            task.add_done_callback(lambda _, key=delivery.key: self._forget(key))
 
-    def _forget(self, entry_id: str) -> None:
-        self.running.pop(entry_id, None)
+    def _forget(self, key: str) -> None:
+        self.running.pop(key, None)
 
     async def _run_job(self, delivery: Delivery) -> None:
         if delivery.job is None:
@@ -191,7 +189,7 @@ class Worker:
             provider=self.provider,
             publisher=self._publisher(delivery.job),
         )
-        self.running[delivery.entry_id].generation = generation
+        self.running[delivery.key].generation = generation
         try:
             result = await generation.run()
         except Exception:
@@ -204,7 +202,7 @@ class Worker:
             return
         if result.outcome is Outcome.ACK:
             fault_point("after_commit_before_ack")
-            await self.queue.ack(delivery.entry_id)
+            await self.queue.ack(delivery)
             if result.reason:
                 logger.info("job %s: acknowledged (%s)", delivery.job.job_id, result.reason)
         else:
@@ -220,15 +218,13 @@ class Worker:
 
     async def _leases_renew(self) -> None:
         report = await self.queue.renew(deliveries=[job.delivery for job in self.running.values()])
-        for entry_id in report.lost:
-            job = self.running.get(entry_id)
+        for key in report.lost:
+            job = self.running.get(key)
             if job is not None:
-                logger.warning(
-                    "worker %s: lost the lease of %s; abandoning it", self.name, entry_id
-                )
+                logger.warning("worker %s: lost the lease of %s; abandoning it", self.name, key)
                 job.task.cancel()
-        for entry_id in report.cancelled:
-            self._cancel(self.running.get(entry_id))
+        for key in report.cancelled:
+            self._cancel(self.running.get(key))
 
     async def _jobs_reclaim(self) -> None:
         free = self.concurrency - len(self.running)
