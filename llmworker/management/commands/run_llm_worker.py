@@ -1,4 +1,5 @@
 import asyncio
+import multiprocessing
 import os
 import signal
 import socket
@@ -34,6 +35,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        multiprocessing.current_process().name = options["name"]  # shown in every log line
         asyncio.run(self.run(options))
 
     async def run(self, options: dict[str, Any]) -> None:
