@@ -48,6 +48,14 @@ reply_for_job = database_sync_to_async(services.reply_for_job)
 _background_tasks: set[asyncio.Task[None]] = set()
 
 
+def _ends_reply(frame: dict[str, Any]) -> bool:
+    """Whether a frame is a reply's last: `done`, or an `error` other than `llm_unavailable`
+    (the provider is down; the reply waits for it and goes on)."""
+    if frame["type"] == "error":
+        return frame.get("code") != "llm_unavailable"
+    return frame["type"] == "done"
+
+
 def _utf8_length_over(text: str, limit: int) -> bool:
     # A character is at most 4 bytes: only text near the limit needs encoding to be sure.
     return len(text) > limit or (len(text) * 4 > limit and len(text.encode()) > limit)
@@ -375,9 +383,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return await self._relay_user_message(frame)
         job_id, seq = frame["job_id"], frame["seq"]
         if job_id in self.awaiting_resume:
-            if frame["type"] in ("done", "error"):
+            if _ends_reply(frame):
                 await self.send(text_data=raw)
-                self._mark_seen(job_id, seq, frame["type"])
+                self._mark_seen(job_id, seq, frame)
             return
         seen = self.seen_seq.get(job_id, 0)
         if seq > seen + 1:
@@ -386,7 +394,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             seen = await self._replay(job_id, after=seen)
         if seq > seen:
             await self.send(text_data=raw)
-            self._mark_seen(job_id, seq, frame["type"])
+            self._mark_seen(job_id, seq, frame)
 
     async def _relay_user_message(self, frame: dict[str, Any]) -> None:
         if frame.pop("origin") != self.socket_id:
@@ -397,12 +405,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         for raw in await reply_replay(job_id=job_id, after=after):
             after += 1
             await self.send(text_data=raw)
-            self._mark_seen(job_id, after, json.loads(raw)["type"])
+            self._mark_seen(job_id, after, json.loads(raw))
         return after
 
-    def _mark_seen(self, job_id: str, seq: int, kind: str) -> None:
+    def _mark_seen(self, job_id: str, seq: int, frame: dict[str, Any]) -> None:
         self.seen_seq[job_id] = seq
-        if kind in ("done", "error"):
+        if _ends_reply(frame):
             self.finished_jobs.add(job_id)
 
     async def _resume(self, reply: Message, after: int) -> None:

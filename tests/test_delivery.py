@@ -43,6 +43,12 @@ async def _send(socket: ChatSocket, content: str = "Go") -> dict:
     return queued
 
 
+async def _first_dead_letter() -> dict[str, str]:
+    # The worker writes the dead letter just after the error frame the test waited for.
+    [(_, [(_, dead)])] = await redis_get().xread({dead_letter_key(): "0"}, count=1, block=10000)
+    return dead
+
+
 async def _replies_for(job_id: str) -> list[Message]:
     return [m async for m in Message.objects.filter(job_id=job_id)]
 
@@ -148,7 +154,7 @@ async def test_a_refused_request_fails_at_once_into_the_dead_letters(alice, fake
     [reply] = await _replies_for(queued["job_id"])
     assert reply.status == "failed"
     assert "Bad prompt" in reply.error
-    [(_, dead)] = await redis_get().xrange(dead_letter_key())
+    dead = await _first_dead_letter()
     assert dead["job_id"] == queued["job_id"]
     assert "Bad prompt" in dead["reason"]
     assert await redis_get().xlen(jobs_stream_key()) == 0
@@ -387,7 +393,7 @@ async def test_a_job_delivered_too_often_goes_to_the_dead_letters(
     assert (error["code"], error["job_id"]) == ("llm_error", queued["job_id"])
     [reply] = await _replies_for(queued["job_id"])
     assert reply.status == "failed"
-    [(_, dead)] = await redis_get().xrange(dead_letter_key())
+    dead = await _first_dead_letter()
     assert (dead["job_id"], dead["attempts"]) == (queued["job_id"], "2")
     assert "LLM_MAX_ATTEMPTS" in dead["reason"]
     await socket.close()

@@ -327,11 +327,6 @@ async def test_a_waiting_reply_does_not_time_out(alice, fake_llm, breaker_env, s
 # What a socket that joins during the wait sees
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs chat/consumers.py to treat llm_unavailable error frames as not final "
-    "(see docs/delivery.md, 'Provider outages'); remove this marker with that change",
-)
 async def test_a_socket_resuming_while_the_reply_waits_gets_every_frame_once(
     alice, fake_llm, breaker_env, start_worker
 ):

@@ -48,6 +48,8 @@
     unavailable: "The service is unavailable right now. Try again shortly.",
     rate_limited: "You are sending messages too fast. Wait a moment.",
     overloaded: "The service is busy. Try again in a moment.",
+    llm_unavailable: "The model provider is unavailable; your reply will continue when it is back.",
+    timeout: "The model stopped answering.",
   };
 
   // Must match the labels in templates/chat/conversation_detail.html.
@@ -339,6 +341,9 @@
       job.lastSeq = next.seq;
       if (next.type === "restart") {
         setMessageContent(element, "");
+      } else if (next.type === "error") {
+        // llm_unavailable: the reply waits for the provider and goes on; only a notice.
+        showNotice(next.message || ERROR_TEXTS.llm_unavailable);
       } else {
         appendMessageContent(element, next.content || "");
       }
@@ -384,6 +389,11 @@
   }
 
   function onError(frame) {
+    if (frame.code === "llm_unavailable" && frame.job_id) {
+      // Not the end of the reply: it has a seq and goes through the seq buffer.
+      onStreamFrame(frame);
+      return;
+    }
     const text = frame.message || ERROR_TEXTS[frame.code] || "Something went wrong.";
     showNotice(text);
     if (frame.job_id) {
