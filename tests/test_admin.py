@@ -11,10 +11,10 @@ from chat.models import Conversation, Message
 from chat.services import (
     conversation_create,
     message_send,
-    reply_complete,
     reply_fail,
     reply_start,
 )
+from tests.support.transcripts import answered
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -28,13 +28,6 @@ def staff() -> Client:
     client = Client()
     client.force_login(root)
     return client
-
-
-def answered(conversation: Conversation, question: str, answer: str) -> None:
-    sent = message_send(conversation=conversation, content=question)
-    start = reply_start(reply_id=sent.reply.id, default_model="test-model")
-    assert start is not None
-    assert reply_complete(reply_id=sent.reply.id, attempt=start.attempt, content=answer, usage=None)
 
 
 def failed(conversation: Conversation, question: str, error: str) -> None:

@@ -9,7 +9,8 @@ from django.conf import settings
 from django.test import Client
 
 from chat.models import Conversation, Message
-from chat.services import conversation_create, message_send, reply_complete, reply_start
+from chat.services import conversation_create, message_send
+from tests.support.transcripts import answered
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -29,13 +30,6 @@ def client_for(user) -> Client:
     client = Client()
     client.force_login(user)
     return client
-
-
-def answered(conversation: Conversation, question: str, answer: str) -> None:
-    sent = message_send(conversation=conversation, content=question)
-    start = reply_start(reply_id=sent.reply.id, default_model="test-model")
-    assert start is not None
-    assert reply_complete(reply_id=sent.reply.id, attempt=start.attempt, content=answer, usage=None)
 
 
 def served(response) -> bytes:
