@@ -21,6 +21,7 @@ from django.conf import settings
 
 from chat import services as chat_services
 from chat.services import ReplyStart
+from llmworker.admission import user_release
 from llmworker.breaker import CircuitBreaker, Permit, breaker_for
 from llmworker.jobs import Job
 from llmworker.providers import Chunk, Provider, ProviderError, model_default
@@ -209,6 +210,7 @@ class ReplyGeneration:
             reply_id=self.job.reply_id, attempt=start.attempt, content=content, usage=self.usage
         ):
             raise StaleAttempt()
+        await self._slot_release()
         await self.publisher.done(
             reply_id=self.job.reply_id, status="complete", content=content, usage=self.usage
         )
@@ -331,6 +333,7 @@ class ReplyGeneration:
             status="cancelled",
         ):
             raise StaleAttempt()
+        await self._slot_release()
         await self.publisher.done(
             reply_id=self.job.reply_id, status="cancelled", content=content, usage=self.usage
         )
@@ -341,13 +344,20 @@ class ReplyGeneration:
         logger.warning("job %s: failed: %s", self.job.job_id, message)
         if not await reply_fail(reply_id=self.job.reply_id, attempt=start.attempt, error=message):
             raise StaleAttempt()
+        await self._slot_release()
         await self.publisher.error(code=code, message=message)
         return Result(Outcome.DEAD_LETTER, reason=message, attempts=start.attempt)
+
+    async def _slot_release(self) -> None:
+        # Before the final frame: a user who sees the reply end may send the next message
+        # at once, and must not find the finished reply still counted as in flight.
+        await user_release(user_id=self.job.user_id, job_id=self.job.job_id)
 
     async def _give_up(self, start: ReplyStart) -> Result:
         reason = f"delivered {start.attempt} times, more than LLM_MAX_ATTEMPTS"
         logger.error("job %s: %s; moving it to the dead letters", self.job.job_id, reason)
         # reply_start has already failed the reply, under the row lock.
+        await self._slot_release()
         await self.publisher.error(
             code="llm_error", message="The reply could not be generated; please try again."
         )

@@ -15,7 +15,6 @@ from django.db import close_old_connections
 from redis.exceptions import RedisError, ResponseError
 
 from chat import services as chat_services
-from llmworker.admission import user_release
 from llmworker.faults import fault_point
 from llmworker.generation import Outcome, ReplyGeneration
 from llmworker.jobs import Job
@@ -198,16 +197,13 @@ class Worker:
             return
         finally:
             await sync_to_async(close_old_connections)()
-        if result.outcome is Outcome.ABANDON:
-            return
         if result.outcome is Outcome.ACK:
             fault_point("after_commit_before_ack")
             await self.queue.ack(delivery)
             if result.reason:
                 logger.info("job %s: acknowledged (%s)", delivery.job.job_id, result.reason)
-        else:
+        elif result.outcome is Outcome.DEAD_LETTER:
             await self.queue.dead_letter(delivery, reason=result.reason, attempts=result.attempts)
-        await user_release(user_id=delivery.job.user_id, job_id=delivery.job.job_id)
 
     def _publisher(self, job: Job) -> ReplyPublisher:
         return ReplyPublisher(
