@@ -3,7 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # The test suite runs on this machine's PostgreSQL (its own database per run) and Redis.
-TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/grizz
+# (Only read, by makemigrations --check; pytest creates and drops test_grizz_<pid>.)
+TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/postgres
 export REDIS_URL ?= redis://127.0.0.1:6379/0
 
 .PHONY: run test lint format bench install clean
@@ -22,9 +23,9 @@ run: install
 test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	DATABASE_URL=$(TEST_DATABASE_URL) DJANGO_DEBUG=0 DJANGO_SECRET_KEY=grizz-test-only \
+	DATABASE_URL=$(TEST_DATABASE_URL) DJANGO_DEBUG=0 DJANGO_SECRET_KEY=grizz-test-only-not-a-secret-0123456789 \
 		$(PY) manage.py makemigrations --check --dry-run
-	DATABASE_URL=$(TEST_DATABASE_URL) DJANGO_DEBUG=0 DJANGO_SECRET_KEY=grizz-test-only \
+	DATABASE_URL=$(TEST_DATABASE_URL) DJANGO_DEBUG=0 DJANGO_SECRET_KEY=grizz-test-only-not-a-secret-0123456789 \
 		$(PY) -m pytest $(PYTEST_ARGS)
 
 lint:

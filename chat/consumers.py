@@ -377,6 +377,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                     await self._catch_up()
             except UNAVAILABLE_ERRORS:
                 logger.warning("could not replay reply frames; the client may resume later")
+            except Exception:
+                # One bad item must not stall the frames queued behind it.
+                logger.exception("could not relay %s to a socket", kind)
 
     async def _relay(self, frame: dict[str, Any], raw: str) -> None:
         if frame["type"] == "user_message":
@@ -397,9 +400,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             self._mark_seen(job_id, seq, frame)
 
     async def _relay_user_message(self, frame: dict[str, Any]) -> None:
-        if frame.pop("origin") != self.socket_id:
+        # The frame is shared by every socket of the process: read it, never change it.
+        if frame["origin"] != self.socket_id:
             self.seen_seq.setdefault(frame["job_id"], 0)
-            await self.send_json(frame)
+            await self.send_json({k: v for k, v in frame.items() if k != "origin"})
 
     async def _replay(self, job_id: str, *, after: int) -> int:
         for raw in await reply_replay(job_id=job_id, after=after):

@@ -5,6 +5,7 @@ client (the web process has one loop; the test suite makes a loop per test).
 """
 
 import asyncio
+import random
 import weakref
 
 import redis.asyncio as aioredis
@@ -21,16 +22,21 @@ def redis_get() -> aioredis.Redis:
     loop = asyncio.get_running_loop()
     client = _clients.get(loop)
     if client is None:
-        client = aioredis.Redis.from_url(
+        # A blocking pool: with more calls in flight than connections, a call waits for a
+        # free connection (up to `timeout`) instead of failing at once.
+        pool = aioredis.BlockingConnectionPool.from_url(
             settings.REDIS_URL,
             max_connections=settings.REDIS_MAX_CONNECTIONS,
+            timeout=5,
             socket_connect_timeout=3,
             # Long enough for a blocking XREADGROUP (which adds its own block time).
             socket_timeout=10,
             socket_keepalive=True,
-            health_check_interval=30,
+            # Spread the health checks of a process's connections over time.
+            health_check_interval=25 + random.random() * 10,
             decode_responses=True,
         )
+        client = aioredis.Redis(connection_pool=pool)
         _clients[loop] = client
     return client
 

@@ -177,6 +177,10 @@ class ReplyHub:
         self.listeners: dict[str, set[ReplyListener]] = {}
         self.confirmations: dict[str, asyncio.Future[None]] = {}
         self.reader: asyncio.Task[None] | None = None
+        # redis-py's PubSub opens its connection lazily, with an await between the check and
+        # the assignment: concurrent first subscribes would each open one, and all but the
+        # last would be lost. One subscribe at a time.
+        self.subscribing = asyncio.Lock()
 
     async def join(self, *, conversation_id: str, listener: ReplyListener) -> None:
         channel = conversation_channel(conversation_id)
@@ -200,7 +204,8 @@ class ReplyHub:
         if confirmation is None:
             confirmation = asyncio.get_running_loop().create_future()
             self.confirmations[channel] = confirmation
-            await self.pubsub.subscribe(channel)
+            async with self.subscribing:
+                await self.pubsub.subscribe(channel)
             self._reader_ensure()
         await asyncio.wait_for(asyncio.shield(confirmation), timeout=5)
 

@@ -16,7 +16,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from chat import services as chat_services
 from llmworker.faults import fault_point
-from llmworker.generation import Outcome, ReplyGeneration
+from llmworker.generation import Outcome, ReplyGeneration, Result
 from llmworker.jobs import Job
 from llmworker.providers import Provider, provider_get
 from llmworker.queue import Delivery, JobQueue, job_enqueue, jobs_live
@@ -197,6 +197,14 @@ class Worker:
             return
         finally:
             await sync_to_async(close_old_connections)()
+        try:
+            await self._settle(delivery, result)
+        except TRANSIENT_ERRORS as error:
+            # Still pending: the next delivery finds the reply finished and just settles it.
+            logger.warning("job %s: not acknowledged (%s)", delivery.job.job_id, error)
+
+    async def _settle(self, delivery: Delivery, result: Result) -> None:
+        assert delivery.job is not None
         if result.outcome is Outcome.ACK:
             fault_point("after_commit_before_ack")
             await self.queue.ack(delivery)
