@@ -1,0 +1,100 @@
+"""Run profiles: the full run (`make bench`, under 10 minutes on 2 cores) and `--quick`
+(a smoke run, under 90 s). Times are seconds."""
+
+import time
+from dataclasses import dataclass
+
+from bench.protocol import ReplyShape
+
+# Reply shapes, 20 tokens/s like a fast hosted model unless noted.
+SHAPE_SINGLE = ReplyShape(ttft_ms=50, tokens=4, interval_ms=50)
+SHAPE_CONCURRENT = ReplyShape(ttft_ms=50, tokens=60, interval_ms=50)
+SHAPE_CAPACITY = ReplyShape(ttft_ms=50, tokens=100, interval_ms=50)
+SHAPE_TURN = ReplyShape(ttft_ms=20, tokens=200, interval_ms=10)  # 100 tokens/s
+SHAPE_INSTANT = ReplyShape(ttft_ms=0, tokens=1, interval_ms=0)
+SHAPE_CAPACITY_QUICK = ReplyShape(ttft_ms=50, tokens=40, interval_ms=50)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    budget_s: float  # the whole run, setup and teardown included
+    teardown_reserve_s: float
+    conversations: int  # seeded; every scenario gets conversations no other one used
+    worker_concurrency: int
+    idle_counts: tuple[int, ...]
+    idle_window_s: float
+    idle_settle_s: float  # after opening sockets, before measuring
+    idle_leaves_s: float  # opening idle sockets stops when less is left for the rest
+    turn_rounds: int  # Redis per turn: rounds of `turn_parallel` 200-token replies
+    turn_parallel: int
+    queue_serial_s: float
+    queue_parallel: int
+    queue_window_s: float
+    latency_levels: tuple[int, ...]
+    latency_window_s: float
+    latency_single_window_s: float  # 1 conversation: short replies, more samples
+    capacity_steps: tuple[int, ...]
+    capacity_window_s: float
+    capacity_shape: ReplyShape
+
+
+FULL = Profile(
+    name="full",
+    budget_s=560,
+    teardown_reserve_s=25,
+    conversations=5000,
+    worker_concurrency=2048,
+    idle_counts=(1000, 5000),
+    idle_window_s=10,
+    idle_settle_s=3,
+    idle_leaves_s=230,
+    turn_rounds=2,
+    turn_parallel=10,
+    queue_serial_s=6,
+    queue_parallel=64,
+    queue_window_s=6,
+    latency_levels=(1, 50, 200),
+    latency_window_s=6,
+    latency_single_window_s=8,
+    capacity_steps=(10, 25, 50, 100, 200, 400, 600, 800, 1000, 1500),
+    capacity_window_s=6,
+    capacity_shape=SHAPE_CAPACITY,
+)
+
+QUICK = Profile(
+    name="quick",
+    budget_s=88,
+    teardown_reserve_s=7,
+    conversations=800,
+    worker_concurrency=1024,
+    idle_counts=(40, 80),
+    idle_window_s=2,
+    idle_settle_s=0.5,
+    idle_leaves_s=45,
+    turn_rounds=1,
+    turn_parallel=5,
+    queue_serial_s=2,
+    queue_parallel=16,
+    queue_window_s=2,
+    latency_levels=(1, 10),
+    latency_window_s=1.5,
+    latency_single_window_s=1.5,
+    capacity_steps=(10,),
+    capacity_window_s=2,
+    capacity_shape=SHAPE_CAPACITY_QUICK,
+)
+
+
+class Budget:
+    """The run's deadline; scenarios ask how much is left before each phase."""
+
+    def __init__(self, total_s: float, reserve_s: float) -> None:
+        self.started = time.monotonic()
+        self.deadline = self.started + total_s - reserve_s
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started

@@ -1,0 +1,86 @@
+"""Closed-loop load: `concurrency` slots, each running one conversation turn after another
+(send, wait for the whole reply, think, send again) for a fixed window.
+
+Slots start at random offsets within `stagger_s` so that the first turns do not all start in
+the same millisecond (a thundering herd would measure the burst, not the load). Only turns
+sent inside the window count; turns sent during the stagger warm up the pipeline. A slot
+stops after an error (its conversation may still be busy server-side), and every error is
+kept, whenever it happened.
+"""
+
+import asyncio
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from bench.load import Turn
+from bench.protocol import ReplyShape
+
+TURN_SLACK_S = 12.0  # beyond the model's own duration, before a turn counts as lost
+
+
+class Turner(Protocol):
+    async def turn(self, text: str, timeout: float) -> Turn: ...
+
+
+@dataclass(frozen=True)
+class Plan:
+    shape: ReplyShape
+    concurrency: int
+    window_s: float
+    stagger_s: float = 0.0
+    think_s: tuple[float, float] = (0.0, 0.0)
+    max_turns: int | None = None  # stop early once this many turns were counted
+
+
+@dataclass
+class Outcome:
+    turns: list[Turn]  # counted turns (sent inside the window), failed ones included
+    other_failures: list[Turn]  # failed turns sent outside the window
+    every: list[Turn]  # all turns, for totals over the whole run (tokens, CPU)
+    window_start_ns: int
+    window_end_ns: int
+
+
+async def run_plan(turners: Sequence[Turner], plan: Plan, *, seed: int = 1) -> Outcome:
+    """Slot i rotates over turners i, i+C, i+2C...: with more turners than slots, one
+    conversation's history does not grow with every turn of a long run."""
+    rng = random.Random(seed)
+    now = time.monotonic_ns()
+    start, end = now + int(plan.stagger_s * 1e9), now + int((plan.stagger_s + plan.window_s) * 1e9)
+    outcome = Outcome([], [], [], start, end)
+    slots = [
+        _slot(turners[i :: plan.concurrency], plan, rng.random(), outcome)
+        for i in range(plan.concurrency)
+    ]
+    await asyncio.gather(*slots)
+    return outcome
+
+
+async def _slot(
+    turners: Sequence[Turner],
+    plan: Plan,
+    offset: float,
+    outcome: Outcome,
+) -> None:
+    rng = random.Random(offset)
+    await asyncio.sleep(offset * plan.stagger_s)
+    timeout = plan.shape.duration_s + TURN_SLACK_S
+    index = 0
+    while time.monotonic_ns() < outcome.window_end_ns and not _enough(plan, outcome.turns):
+        turn = await turners[index % len(turners)].turn(plan.shape.message(), timeout)
+        index += 1
+        outcome.every.append(turn)
+        if outcome.window_start_ns <= turn.t_send < outcome.window_end_ns:
+            outcome.turns.append(turn)
+        elif turn.error:
+            outcome.other_failures.append(turn)
+        if turn.error:
+            return
+        await asyncio.sleep(rng.uniform(*plan.think_s))
+
+
+def _enough(plan: Plan, counted: list[Turn]) -> bool:
+    return plan.max_turns is not None and len(counted) >= plan.max_turns
