@@ -65,7 +65,8 @@ class Service:
     def __init__(self, name: str, args: list[str], *, env: dict[str, str], logs: Path) -> None:
         self.name = name
         self.log_path = logs / f"{name}.log"
-        with self.log_path.open("wb") as log:
+        # Appended to: a service restarted under the same name keeps its earlier output.
+        with self.log_path.open("ab") as log:
             # A session of its own: Ctrl-C reaches only the bench, which then stops the
             # children in order (worker before Redis) instead of all of them at once.
             self.process = subprocess.Popen(
@@ -183,6 +184,7 @@ class Deployment:
         self.web_port = 0
         self.postgres_version = ""
         self.postmaster: int | None = None
+        self.env: dict[str, str] = {}
 
     # ------------------------------------------------------------------ start
 
@@ -195,7 +197,7 @@ class Deployment:
         self._redis_start()
         self._model_start()
         self._database_create()
-        env = self._grizz_env()
+        env = self.env = self._grizz_env()
         self._manage(env, "migrate", "--noinput", "-v0")
         self.web_port = free_port()
         self._web_start(env)
@@ -263,10 +265,29 @@ class Deployment:
         args = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.web_port)]
         self._spawn("web", [*args, "grizz.asgi:application"], env)
 
-    def _worker_start(self, env: dict[str, str]) -> None:
-        args = [sys.executable, "manage.py", "run_llm_worker", "--name", "bench-worker-1"]
+    def _worker_start(self, env: dict[str, str], key: str = "worker", name: str = "") -> Service:
+        args = [sys.executable, "manage.py", "run_llm_worker", "--name", name or "bench-worker-1"]
         args += ["--concurrency", str(self.worker_concurrency), "--grace", "3"]
-        self._spawn("worker", args, env)
+        return self._spawn(key, args, env)
+
+    def worker_start(self, key: str, name: str, env: dict[str, str] | None = None) -> Service:
+        """Start one more run_llm_worker (service `key`, worker `name`), with the settings
+        in `env` changed, and wait until it is ready (blocking)."""
+        service = self._worker_start({**self.env, **(env or {})}, key, name)
+        service.wait_for(r"worker \S+: ready")
+        return service
+
+    def worker_stop(self, key: str) -> None:
+        """Stop a worker (SIGTERM, its --grace) and forget it: its end is intended."""
+        self.services.pop(key).stop()
+
+    def worker_kill(self, key: str) -> int:
+        """`kill -9` a worker and forget it; returns the CLOCK_MONOTONIC ns of the kill."""
+        service = self.services.pop(key)
+        killed_ns = time.monotonic_ns()
+        service.process.kill()
+        service.process.wait(timeout=10)
+        return killed_ns
 
     def _seed(self, env: dict[str, str]) -> list[Seed]:
         result = subprocess.run(
@@ -312,7 +333,9 @@ class Deployment:
     def close(self, *, keep_logs: bool = False) -> None:
         """Stop everything (worker first, Redis last), drop the database, remove the logs
         unless asked to keep them. Never raises: a partial teardown still does the rest."""
-        for name in ("worker", "web", "model", "redis"):
+        order = ("worker", "web", "model", "redis")
+        extra_workers = [name for name in self.services if name not in order]
+        for name in (*extra_workers, *order):
             service = self.services.get(name)
             if service is not None:
                 try:
