@@ -327,3 +327,24 @@ def test_it_links_the_stylesheet_from_every_page():
 
 def test_it_returns_404_for_an_unknown_static_file():
     assert Client().get("/static/chat/missing.js").status_code == 404
+
+
+def test_it_refuses_a_conversation_form_without_its_csrf_token(alice):
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(alice)
+
+    response = client.post("/", {"title": "Forged"})
+
+    assert response.status_code == 403
+    assert not Conversation.objects.filter(title="Forged").exists()
+
+
+def test_it_accepts_the_conversation_form_with_its_csrf_token(alice):
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(alice)
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', client.get("/").text)
+
+    response = client.post("/", {"title": "Genuine", "csrfmiddlewaretoken": token.group(1)})
+
+    assert response.status_code == 302
+    assert Conversation.objects.filter(title="Genuine", owner=alice).exists()
