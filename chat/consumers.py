@@ -6,37 +6,31 @@ import contextlib
 import json
 import logging
 import uuid
-from collections import deque
 from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
-from django.db import DatabaseError
-from redis.exceptions import RedisError
 
 from chat import services
-from chat.models import Conversation, Message
+from chat.models import Conversation
+from chat.relay import UNAVAILABLE_ERRORS, ReplyRelay, conversation_active_job
 from llmworker.admission import Refusal, queue_pressure, user_admit, user_release
 from llmworker.jobs import Job
 from llmworker.queue import job_enqueue
-from llmworker.replies import reply_hub_get, reply_replay
+from llmworker.replies import reply_hub_get
 
 logger = logging.getLogger(__name__)
 
 CLOSE_UNAUTHENTICATED = 4401
-CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
 CLOSE_IDLE = 4408
 CLOSE_TRY_AGAIN_LATER = 1013
 SUBPROTOCOL = "grizz"
 
-# Redis or PostgreSQL failing: the user is told to retry, the socket stays open.
-UNAVAILABLE_ERRORS = (RedisError, OSError, DatabaseError, asyncio.TimeoutError)
 REDIS_CALL_TIMEOUT = 5.0
 
 conversation_get_for_user = database_sync_to_async(services.conversation_get_for_user)
-conversation_active_job = database_sync_to_async(services.conversation_active_job)
 message_send = database_sync_to_async(services.message_send)
 message_retract = database_sync_to_async(services.message_retract)
 message_find_sent = database_sync_to_async(services.message_find_sent)
@@ -46,14 +40,6 @@ reply_for_job = database_sync_to_async(services.reply_for_job)
 
 # Tasks that outlive the call that started them, kept here so they are not collected.
 _background_tasks: set[asyncio.Task[None]] = set()
-
-
-def _ends_reply(frame: dict[str, Any]) -> bool:
-    """Whether a frame is a reply's last: `done`, or an `error` other than `llm_unavailable`
-    (the provider is down; the reply waits for it and goes on)."""
-    if frame["type"] == "error":
-        return frame.get("code") != "llm_unavailable"
-    return frame["type"] == "done"
 
 
 def _utf8_length_over(text: str, limit: int) -> bool:
@@ -68,7 +54,7 @@ def _uuid_or_none(value: object) -> uuid.UUID | None:
         return None
 
 
-class ChatConsumer(AsyncJsonWebsocketConsumer):
+class ChatConsumer(ReplyRelay, AsyncJsonWebsocketConsumer):
     # Not on the Channels layer: reply frames come through the ReplyHub (llmworker/replies.py),
     # one pub/sub connection per process with a replay log behind it. A layer receive loop
     # per socket would add nothing, and a Redis blip in it would end every socket.
@@ -78,14 +64,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def connect(self) -> None:
         self.socket_id = uuid.uuid4().hex  # tells this socket's announcements from others'
-        self.seen_seq: dict[str, int] = {}
-        self.finished_jobs: set[str] = set()
-        # The reply running when the socket opened: the client says from where it wants its
-        # frames (resume); until then only its final frame is sent, which holds everything.
-        self.awaiting_resume: set[str] = set()
-        self.inbox: deque[tuple[Any, ...]] = deque()
-        self.inbox_drainer: asyncio.Task[None] | None = None
-        self.said_hello = False  # frames wait in the inbox until the hello is out
+        self.relay_setup()
         if not self.scope["user"].is_authenticated:
             return await self._refuse(CLOSE_UNAUTHENTICATED)
         conversation_id = _uuid_or_none(self.scope["url_route"]["kwargs"]["conversation_id"])
@@ -348,105 +327,3 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def _unavailable(self) -> None:
         await self._error("unavailable", "Server busy, please retry your request.")
-
-    # Server → client: frames of replies (ReplyHub), delivered in seq order by one task
-
-    def reply_frame_received(self, frame: dict[str, Any], raw: str) -> None:
-        self._inbox_put("frame", frame, raw)
-
-    def reply_frames_maybe_missed(self) -> None:
-        self._inbox_put("catch_up")
-
-    def _inbox_put(self, *item: Any) -> None:
-        self.inbox.append(item)
-        self._inbox_drain_start()
-
-    def _inbox_drain_start(self) -> None:
-        if self.said_hello and (self.inbox_drainer is None or self.inbox_drainer.done()):
-            self.inbox_drainer = asyncio.create_task(self._drain_inbox())
-
-    async def _drain_inbox(self) -> None:
-        while self.inbox:
-            kind, *args = self.inbox.popleft()
-            try:
-                if kind == "frame":
-                    await self._relay(*args)
-                elif kind == "resume":
-                    await self._resume(*args)
-                else:
-                    await self._catch_up()
-            except UNAVAILABLE_ERRORS:
-                logger.warning("could not replay reply frames; the client may resume later")
-            except Exception:
-                # One bad item must not stall the frames queued behind it.
-                logger.exception("could not relay %s to a socket", kind)
-
-    async def _relay(self, frame: dict[str, Any], raw: str) -> None:
-        if frame["type"] == "user_message":
-            return await self._relay_user_message(frame)
-        job_id, seq = frame["job_id"], frame["seq"]
-        if job_id in self.awaiting_resume:
-            if _ends_reply(frame):
-                await self.send(text_data=raw)
-                self._mark_seen(job_id, seq, frame)
-            return
-        seen = self.seen_seq.get(job_id, 0)
-        if seq > seen + 1:
-            # Frames this socket never got (it joined mid-reply, or pub/sub dropped some):
-            # the replay log has them, in order.
-            seen = await self._replay(job_id, after=seen)
-        if seq > seen:
-            await self.send(text_data=raw)
-            self._mark_seen(job_id, seq, frame)
-
-    async def _relay_user_message(self, frame: dict[str, Any]) -> None:
-        # The frame is shared by every socket of the process: read it, never change it.
-        if frame["origin"] != self.socket_id:
-            self.seen_seq.setdefault(frame["job_id"], 0)
-            await self.send_json({k: v for k, v in frame.items() if k != "origin"})
-
-    async def _replay(self, job_id: str, *, after: int) -> int:
-        for raw in await reply_replay(job_id=job_id, after=after):
-            after += 1
-            await self.send(text_data=raw)
-            self._mark_seen(job_id, after, json.loads(raw))
-        return after
-
-    def _mark_seen(self, job_id: str, seq: int, frame: dict[str, Any]) -> None:
-        self.seen_seq[job_id] = seq
-        if _ends_reply(frame):
-            self.finished_jobs.add(job_id)
-
-    async def _resume(self, reply: Message, after: int) -> None:
-        job_id = str(reply.job_id)
-        self.awaiting_resume.discard(job_id)
-        seen = max(after, self.seen_seq.get(job_id, 0))
-        self.seen_seq[job_id] = seen
-        if job_id in self.finished_jobs:
-            return
-        await self._replay(job_id, after=seen)
-        if job_id not in self.finished_jobs and reply.status not in Message.ACTIVE_STATUSES:
-            await self._send_finished_from_database(reply)
-
-    async def _send_finished_from_database(self, reply: Message) -> None:
-        # The replay log has expired: the database has the whole answer.
-        self.finished_jobs.add(str(reply.job_id))
-        if reply.status == Message.Status.FAILED:
-            return await self._error("llm_error", reply.error, job_id=str(reply.job_id))
-        await self.send_json(
-            {
-                "type": "done",
-                "job_id": str(reply.job_id),
-                "reply_id": str(reply.id),
-                "status": reply.status,
-                "content": reply.content,
-                "usage": reply.usage,
-            }
-        )
-
-    async def _catch_up(self) -> None:
-        active = await conversation_active_job(conversation_id=self.conversation.id)
-        jobs = {job for job in self.seen_seq if job not in self.finished_jobs}
-        jobs.update([active] if active else [])
-        for job_id in jobs - self.awaiting_resume:
-            await self._replay(job_id, after=self.seen_seq.get(job_id, 0))
