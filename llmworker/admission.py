@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from django.conf import settings
 
 from llmworker.queue import PRIORITIES
-from llmworker.redis import jobs_stream_key, redis_get, user_inflight_key, user_rate_key
+from llmworker.redis import (
+    jobs_stream_key,
+    redis_get,
+    script_get,
+    user_inflight_key,
+    user_rate_key,
+)
 
 # A reply in flight is counted until its worker releases it; this bound only stops a lost
 # release (a job dropped by hand, say) from holding a user's slot for ever.
@@ -50,18 +56,17 @@ class Refusal:
 async def user_admit(*, user_id: int, job_id: str) -> Refusal | None:
     """Count a new job against its user's limits, or say why it may not start."""
     count, window = settings.CHAT_RATE_LIMIT
-    verdict, retry_after = await redis_get().eval(
-        ADMIT_SCRIPT,
-        2,
-        user_rate_key(user_id),
-        user_inflight_key(user_id),
-        int(time.time() * 1000),
-        window * 1000,
-        count,
-        settings.CHAT_MAX_INFLIGHT_PER_USER,
-        job_id,
-        INFLIGHT_MAX_SECONDS * 1000,
-        INFLIGHT_RETRY_AFTER_SECONDS,
+    verdict, retry_after = await script_get(redis_get(), ADMIT_SCRIPT)(
+        keys=[user_rate_key(user_id), user_inflight_key(user_id)],
+        args=[
+            int(time.time() * 1000),
+            window * 1000,
+            count,
+            settings.CHAT_MAX_INFLIGHT_PER_USER,
+            job_id,
+            INFLIGHT_MAX_SECONDS * 1000,
+            INFLIGHT_RETRY_AFTER_SECONDS,
+        ],
     )
     if verdict == "rate":
         return Refusal(

@@ -289,10 +289,8 @@ class ReplyGeneration:
             "job %s: the provider's circuit is open; waiting (about %ds)",
             self.job.job_id, retry_after,
         )  # fmt: skip
-        # Not `publisher.error()`: that frame ends the reply (and shortens the log's TTL).
-        # This one is in the replay log with a seq like the deltas, and the reply goes on.
-        await self.publisher._emit(
-            "error", code="llm_unavailable", message=UNAVAILABLE_MESSAGE, retry_after=retry_after
+        await self.publisher.notice(
+            code="llm_unavailable", message=UNAVAILABLE_MESSAGE, retry_after=retry_after
         )
         self.told_unavailable = True
 

@@ -23,6 +23,7 @@ from llmworker.redis import (
     jobs_stream_key,
     redis_get,
     reply_cancel_key,
+    script_get,
 )
 
 logger = logging.getLogger(__name__)
@@ -135,9 +136,9 @@ class JobQueue:
         self.consumer = consumer
         self.redis = client or redis_get()
         self.streams = [jobs_stream_key(priority) for priority in PRIORITIES]
-        self.renew_script = self.redis.register_script(RENEW_SCRIPT)
-        self.ack_script = self.redis.register_script(ACK_SCRIPT)
-        self.dead_letter_script = self.redis.register_script(DEAD_LETTER_SCRIPT)
+        self.renew_script = script_get(self.redis, RENEW_SCRIPT)
+        self.ack_script = script_get(self.redis, ACK_SCRIPT)
+        self.dead_letter_script = script_get(self.redis, DEAD_LETTER_SCRIPT)
 
     async def group_ensure(self) -> None:
         """Create the streams and the group if missing. From "0", so that a group recreated

@@ -12,10 +12,25 @@ import redis.asyncio as aioredis
 from django.conf import settings
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 
 _clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis]" = (
     weakref.WeakKeyDictionary()
 )
+
+
+_scripts: "weakref.WeakKeyDictionary[aioredis.Redis, dict[str, AsyncScript]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def script_get(client: aioredis.Redis, source: str) -> AsyncScript:
+    """A Lua script bound to a client, made once: calls go by EVALSHA (the source travels
+    only when Redis has not seen it), and the per-turn paths build nothing."""
+    scripts = _scripts.setdefault(client, {})
+    if source not in scripts:
+        scripts[source] = client.register_script(source)
+    return scripts[source]
 
 
 def redis_get() -> aioredis.Redis:

@@ -29,6 +29,7 @@ from llmworker.redis import (
     reply_attempt_key,
     reply_cancel_key,
     reply_log_key,
+    script_get,
 )
 
 logger = logging.getLogger(__name__)
@@ -95,11 +96,10 @@ class ReplyPublisher:
         self.attempt_key = reply_attempt_key(job_id)
         self.attempt = attempt
         self.redis = client
-        self.script = client.register_script(EMIT_SCRIPT)
+        self.script = script_get(client, EMIT_SCRIPT)
 
     async def attempt_begin(self, attempt: int) -> AttemptStart:
-        script = self.redis.register_script(ATTEMPT_BEGIN_SCRIPT)
-        cancelled, earlier_frames = await script(
+        cancelled, earlier_frames = await script_get(self.redis, ATTEMPT_BEGIN_SCRIPT)(
             keys=[self.attempt_key, reply_cancel_key(self.job_id), self.log_key],
             args=[attempt, RUNNING_LOG_TTL_SECONDS],
         )
@@ -139,6 +139,11 @@ class ReplyPublisher:
             content=content,
             usage=usage,
         )
+
+    async def notice(self, *, code: str, message: str, **extra: Any) -> int:
+        """An error frame that does not end the reply (llm_unavailable): it waits and goes on,
+        so the log keeps its running expiry."""
+        return await self._emit("error", code=code, message=message, **extra)
 
     async def error(self, *, code: str, message: str) -> int:
         return await self._emit(
