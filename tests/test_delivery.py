@@ -15,7 +15,7 @@ from chat.models import Message
 from chat.services import conversation_create
 from llmworker.redis import dead_letter_key, jobs_stream_key, redis_get
 from tests.support.fake_openai import Behaviour
-from tests.support.sockets import ChatSocket, answer_of, token_for
+from tests.support.sockets import ChatSocket, answer_of, chat_opened, message_queued, token_for
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 
@@ -27,20 +27,6 @@ ANSWER = "".join(TOKENS)
 def short_lease(service_env):
     service_env["LLM_JOB_LEASE_SECONDS"] = "1"
     return service_env
-
-
-async def _open_chat(user) -> ChatSocket:
-    conversation = await sync_to_async(conversation_create)(owner=user)
-    socket = await ChatSocket.open(conversation.id, user=user)
-    await socket.receive()  # hello
-    return socket
-
-
-async def _send(socket: ChatSocket, content: str = "Go") -> dict:
-    await socket.send({"type": "message", "content": content})
-    queued = await socket.receive()
-    assert queued["type"] == "queued", queued
-    return queued
 
 
 async def _first_dead_letter() -> dict[str, str]:
@@ -56,8 +42,8 @@ async def _replies_for(job_id: str) -> list[Message]:
 async def test_a_reply_survives_kill_9_of_its_worker(alice, fake_llm, short_lease, start_worker):
     fake_llm.default = Behaviour(tokens=TOKENS, interval=0.05)
     first = await asyncio.to_thread(start_worker, "first")
-    socket = await _open_chat(alice)
-    queued = await _send(socket)
+    socket = await chat_opened(alice)
+    queued = await message_queued(socket)
     await socket.receive()  # text is streaming from the first worker
 
     await asyncio.to_thread(first.kill)
@@ -79,8 +65,8 @@ async def test_a_long_reply_on_a_healthy_worker_is_not_taken_over(
     # Three seconds of generation against a one-second lease, with another worker waiting.
     fake_llm.default = Behaviour(tokens=TOKENS, interval=0.1)
     await asyncio.to_thread(start_worker, "first")
-    socket = await _open_chat(alice)
-    queued = await _send(socket)
+    socket = await chat_opened(alice)
+    queued = await message_queued(socket)
     await socket.receive()
     await asyncio.to_thread(start_worker, "second")
 
@@ -96,8 +82,8 @@ async def test_a_long_reply_on_a_healthy_worker_is_not_taken_over(
 
 async def test_it_retries_server_errors_unseen_by_the_user(alice, fake_llm, worker):
     fake_llm.enqueue(Behaviour(status=500), Behaviour(status=502), Behaviour(reply="Third time."))
-    socket = await _open_chat(alice)
-    queued = await _send(socket)
+    socket = await chat_opened(alice)
+    queued = await message_queued(socket)
 
     frames = await socket.receive_until("done")
 
@@ -109,9 +95,9 @@ async def test_it_retries_server_errors_unseen_by_the_user(alice, fake_llm, work
 
 async def test_it_waits_as_long_as_retry_after_says(alice, fake_llm, worker):
     fake_llm.enqueue(Behaviour(status=429, retry_after=1.0), Behaviour(reply="Patience."))
-    socket = await _open_chat(alice)
+    socket = await chat_opened(alice)
     started = time.monotonic()
-    await _send(socket)
+    await message_queued(socket)
 
     frames = await socket.receive_until("done")
 
@@ -124,8 +110,8 @@ async def test_it_waits_as_long_as_retry_after_says(alice, fake_llm, worker):
 async def test_a_stream_cut_midway_restarts_the_answer(alice, fake_llm, worker):
     fake_llm.enqueue(Behaviour(tokens=TOKENS, interval=0.02, cut_after=10))
     fake_llm.default = Behaviour(tokens=TOKENS)
-    socket = await _open_chat(alice)
-    queued = await _send(socket)
+    socket = await chat_opened(alice)
+    queued = await message_queued(socket)
 
     frames = await socket.receive_until("done")
 
@@ -140,8 +126,8 @@ async def test_a_stream_cut_midway_restarts_the_answer(alice, fake_llm, worker):
 
 async def test_a_refused_request_fails_at_once_into_the_dead_letters(alice, fake_llm, worker):
     fake_llm.enqueue(Behaviour(status=400, error_message="Bad prompt"))
-    socket = await _open_chat(alice)
-    queued = await _send(socket)
+    socket = await chat_opened(alice)
+    queued = await message_queued(socket)
 
     error = await socket.receive()
 
@@ -164,9 +150,9 @@ async def test_a_refused_request_fails_at_once_into_the_dead_letters(alice, fake
 async def test_jobs_lost_with_redis_data_are_enqueued_again(
     alice, fake_llm, service_env, start_worker
 ):
-    socket_a = await _open_chat(alice)
-    socket_b = await _open_chat(alice)
-    queued = [await _send(socket_a), await _send(socket_b)]
+    socket_a = await chat_opened(alice)
+    socket_b = await chat_opened(alice)
+    queued = [await message_queued(socket_a), await message_queued(socket_b)]
     # Redis loses every key of this deployment (a restart without persistence, FLUSHALL).
     redis = redis_get()
     keys = [key async for key in redis.scan_iter(match=f"{{{settings.REDIS_KEY_PREFIX}}}*")]
@@ -188,8 +174,8 @@ async def test_jobs_lost_with_redis_data_are_enqueued_again(
 
 async def test_the_worker_recreates_a_vanished_stream(alice, fake_llm, worker):
     await redis_get().delete(jobs_stream_key())
-    socket = await _open_chat(alice)
-    await _send(socket)
+    socket = await chat_opened(alice)
+    await message_queued(socket)
 
     frames = await socket.receive_until("done", timeout=30)
 
@@ -227,8 +213,8 @@ async def test_resume_after_a_dropped_connection_misses_and_repeats_nothing(
 
 
 async def test_resuming_a_finished_reply_returns_its_done_frame(alice, fake_llm, worker):
-    socket = await _open_chat(alice)
-    queued = await _send(socket)
+    socket = await chat_opened(alice)
+    queued = await message_queued(socket)
     frames = await socket.receive_until("done")
     done = frames[-1]
     await socket.close()
@@ -248,8 +234,8 @@ async def test_resuming_a_finished_reply_returns_its_done_frame(alice, fake_llm,
 
 
 async def test_resume_from_the_start_replays_every_frame(alice, fake_llm, worker):
-    socket = await _open_chat(alice)
-    queued = await _send(socket)
+    socket = await chat_opened(alice)
+    queued = await message_queued(socket)
     frames = await socket.receive_until("done")
     await socket.close()
     reply = await Message.objects.aget(id=queued["reply_id"])
@@ -267,8 +253,8 @@ async def test_cancel_closes_the_provider_stream_and_keeps_the_partial_answer(
     alice, fake_llm, worker
 ):
     fake_llm.default = Behaviour(tokens=TOKENS * 4, interval=0.05)
-    socket = await _open_chat(alice)
-    queued = await _send(socket)
+    socket = await chat_opened(alice)
+    queued = await message_queued(socket)
     for _ in range(3):
         await socket.receive()
 
@@ -291,8 +277,8 @@ async def test_cancel_closes_the_provider_stream_and_keeps_the_partial_answer(
 async def test_cancelling_a_queued_reply_never_calls_the_provider(
     alice, fake_llm, service_env, start_worker
 ):
-    socket = await _open_chat(alice)
-    queued = await _send(socket)
+    socket = await chat_opened(alice)
+    queued = await message_queued(socket)
 
     await socket.send({"type": "cancel", "job_id": queued["job_id"]})
     done = await socket.receive()
@@ -313,8 +299,8 @@ async def test_sigterm_hands_unfinished_replies_to_another_worker(
 ):
     fake_llm.default = Behaviour(tokens=TOKENS, interval=0.1)
     leaving = await asyncio.to_thread(start_worker, "leaving", grace=0.5)
-    socket = await _open_chat(alice)
-    queued = await _send(socket)
+    socket = await chat_opened(alice)
+    queued = await message_queued(socket)
     await socket.receive()
 
     leaving.send_signal(signal.SIGTERM)
@@ -334,8 +320,8 @@ async def test_a_worker_woken_after_its_lease_writes_nothing(
     fake_llm.enqueue(Behaviour(tokens=[" stale"] * 30, interval=0.05))
     fake_llm.default = Behaviour(reply="The fresh answer.")
     stalled = await asyncio.to_thread(start_worker, "stalled")
-    socket = await _open_chat(alice)
-    queued = await _send(socket)
+    socket = await chat_opened(alice)
+    queued = await message_queued(socket)
     await socket.receive()
 
     stalled.send_signal(signal.SIGSTOP)
@@ -358,8 +344,8 @@ async def test_a_crash_between_commit_and_ack_calls_no_provider_again(
 ):
     short_lease["GRIZZ_FAULTS"] = "after_commit_before_ack"
     crashing = await asyncio.to_thread(start_worker, "crashing")
-    socket = await _open_chat(alice)
-    queued = await _send(socket)
+    socket = await chat_opened(alice)
+    queued = await message_queued(socket)
     await socket.receive_until("done")
     assert await asyncio.to_thread(crashing.wait) == 137
 
@@ -382,8 +368,8 @@ async def test_a_job_delivered_too_often_goes_to_the_dead_letters(
     short_lease["LLM_MAX_ATTEMPTS"] = "1"
     fake_llm.default = Behaviour(tokens=TOKENS, interval=0.05)
     doomed = await asyncio.to_thread(start_worker, "doomed")
-    socket = await _open_chat(alice)
-    queued = await _send(socket)
+    socket = await chat_opened(alice)
+    queued = await message_queued(socket)
     await socket.receive()
 
     await asyncio.to_thread(doomed.kill)
@@ -404,8 +390,8 @@ async def test_a_pending_job_deleted_from_the_stream_fails_its_reply(
 ):
     fake_llm.default = Behaviour(tokens=TOKENS, interval=0.05)
     first = await asyncio.to_thread(start_worker, "first")
-    socket = await _open_chat(alice)
-    queued = await _send(socket)
+    socket = await chat_opened(alice)
+    queued = await message_queued(socket)
     await socket.receive()
     await asyncio.to_thread(first.kill)
     # The entry is trimmed away while still pending (MAXLEN, XDEL by an operator).

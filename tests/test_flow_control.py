@@ -5,11 +5,9 @@ import asyncio
 
 import pytest
 from asgiref.sync import sync_to_async
-from django.contrib.auth.models import User
 
 from chat.models import Message
-from chat.services import conversation_create
-from tests.support.sockets import ChatSocket
+from tests.support.sockets import ChatSocket, chat_opened
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 
@@ -20,13 +18,6 @@ def no_limits(settings):
     settings.CHAT_MAX_INFLIGHT_PER_USER = 0
     settings.LLM_QUEUE_DEPTH_CACHE_SECONDS = 0
     return settings
-
-
-async def _socket(user: User) -> ChatSocket:
-    conversation = await sync_to_async(conversation_create)(owner=user)
-    socket = await ChatSocket.open(conversation.id, user=user)
-    await socket.receive()  # hello
-    return socket
 
 
 async def _send(socket: ChatSocket, content: str = "Hi", **extra: object) -> dict:
@@ -41,7 +32,7 @@ async def _assert_still_open(socket: ChatSocket) -> None:
 
 async def test_it_refuses_messages_over_the_rate_limit(alice, no_limits):
     no_limits.CHAT_RATE_LIMIT = (2, 60)
-    sockets = [await _socket(alice) for _ in range(3)]
+    sockets = [await chat_opened(alice) for _ in range(3)]
 
     answers = [await _send(socket, f"message {i}") for i, socket in enumerate(sockets)]
 
@@ -55,14 +46,14 @@ async def test_it_refuses_messages_over_the_rate_limit(alice, no_limits):
 
 async def test_the_rate_limit_is_per_user(alice, bob, no_limits):
     no_limits.CHAT_RATE_LIMIT = (1, 60)
-    first = await _send(await _socket(alice))
-    second = await _send(await _socket(bob))
+    first = await _send(await chat_opened(alice))
+    second = await _send(await chat_opened(bob))
     assert (first["type"], second["type"]) == ("queued", "queued")
 
 
 async def test_it_limits_replies_in_flight_across_conversations(alice, no_limits):
     no_limits.CHAT_MAX_INFLIGHT_PER_USER = 2
-    sockets = [await _socket(alice) for _ in range(3)]
+    sockets = [await chat_opened(alice) for _ in range(3)]
     first, _ = [await _send(socket) for socket in sockets[:2]]
 
     refused = await _send(sockets[2])
@@ -77,7 +68,7 @@ async def test_it_limits_replies_in_flight_across_conversations(alice, no_limits
 
 async def test_a_finished_reply_frees_its_slot(alice, no_limits, worker):
     no_limits.CHAT_MAX_INFLIGHT_PER_USER = 1
-    first, second = await _socket(alice), await _socket(alice)
+    first, second = await chat_opened(alice), await chat_opened(alice)
     await _send(first)
     await first.receive_until("done")
 
@@ -86,7 +77,7 @@ async def test_a_finished_reply_frees_its_slot(alice, no_limits, worker):
 
 async def test_a_resent_message_is_answered_even_at_the_limit(alice, no_limits):
     no_limits.CHAT_RATE_LIMIT = (1, 60)
-    socket = await _socket(alice)
+    socket = await chat_opened(alice)
     first = await _send(socket, client_msg_id="m-1")
     again = await _send(socket, client_msg_id="m-1")
     assert first == again
@@ -99,13 +90,13 @@ async def test_staff_may_be_exempt(no_limits, django_user_model):
     )
     no_limits.CHAT_RATE_LIMIT = (1, 60)
     no_limits.CHAT_LIMITS_EXEMPT_STAFF = True
-    answers = [await _send(await _socket(root)) for _ in range(2)]
+    answers = [await _send(await chat_opened(root)) for _ in range(2)]
     assert [a["type"] for a in answers] == ["queued", "queued"]
 
 
 async def test_it_refuses_new_work_when_the_queue_is_full(alice, no_limits):
     no_limits.LLM_MAX_PENDING_JOBS = 2
-    sockets = [await _socket(alice) for _ in range(3)]
+    sockets = [await chat_opened(alice) for _ in range(3)]
 
     answers = [await _send(socket, f"message {i}") for i, socket in enumerate(sockets)]
 
@@ -119,7 +110,7 @@ async def test_it_refuses_new_work_when_the_queue_is_full(alice, no_limits):
 async def test_it_tells_the_place_in_a_long_queue(alice, no_limits):
     no_limits.LLM_SLOWDOWN_PENDING_JOBS = 1
     no_limits.LLM_MAX_PENDING_JOBS = 1000
-    first, second = await _socket(alice), await _socket(alice)
+    first, second = await chat_opened(alice), await chat_opened(alice)
 
     calm = await _send(first)
     crowded = await _send(second)
@@ -131,8 +122,8 @@ async def test_it_tells_the_place_in_a_long_queue(alice, no_limits):
 async def test_a_slowed_sender_does_not_hold_up_other_sockets(alice, no_limits):
     no_limits.LLM_SLOWDOWN_PENDING_JOBS = 1
     no_limits.LLM_MAX_PENDING_JOBS = 2  # one job queued: the next waits the longest delay
-    await _send(await _socket(alice))
-    slowed, other = await _socket(alice), await _socket(alice)
+    await _send(await chat_opened(alice))
+    slowed, other = await chat_opened(alice), await chat_opened(alice)
 
     await slowed.send({"type": "message", "content": "wait for me"})
     await other.send({"type": "ping"})

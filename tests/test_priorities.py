@@ -4,13 +4,11 @@ everyone else."""
 import asyncio
 
 import pytest
-from asgiref.sync import sync_to_async
 from django.contrib.auth.models import Group, User
 
-from chat.services import conversation_create
 from llmworker.redis import jobs_stream_key, redis_get
 from tests.support.fake_openai import Behaviour
-from tests.support.sockets import ChatSocket
+from tests.support.sockets import ChatSocket, chat_opened, message_queued
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 
@@ -28,11 +26,8 @@ def carol(transactional_db) -> User:
 
 
 async def _send(user: User, content: str) -> ChatSocket:
-    conversation = await sync_to_async(conversation_create)(owner=user)
-    socket = await ChatSocket.open(conversation.id, user=user)
-    await socket.receive()
-    await socket.send({"type": "message", "content": content})
-    assert (await socket.receive())["type"] == "queued"
+    socket = await chat_opened(user)
+    await message_queued(socket, content)
     return socket
 
 

@@ -14,7 +14,7 @@ from chat.models import Message
 from chat.services import conversation_create
 from llmworker.redis import dead_letter_key, redis_get
 from tests.support.fake_openai import Behaviour, FakeOpenAI
-from tests.support.sockets import ChatSocket, answer_of
+from tests.support.sockets import ChatSocket, answer_of, chat_opened, message_queued
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 
@@ -51,21 +51,6 @@ def breaker_env(service_env: dict[str, str]) -> dict[str, str]:
     return service_env
 
 
-async def _open_chat(user, conversation_id: object = None) -> ChatSocket:
-    if conversation_id is None:
-        conversation_id = (await sync_to_async(conversation_create)(owner=user)).id
-    socket = await ChatSocket.open(conversation_id, user=user)
-    await socket.receive()  # hello
-    return socket
-
-
-async def _send(socket: ChatSocket, content: str = "Go") -> dict:
-    await socket.send({"type": "message", "content": content})
-    queued = await socket.receive()
-    assert queued["type"] == "queued", queued
-    return queued
-
-
 def _notices(frames: list[dict]) -> list[dict]:
     return [f for f in frames if f["type"] == "error" and f["code"] == "llm_unavailable"]
 
@@ -95,8 +80,8 @@ async def test_the_breaker_holds_the_reply_until_the_provider_is_back(
     fake_llm.default = Behaviour(tokens=TOKENS)
     worker = await asyncio.to_thread(start_worker, "breaker")
     arrivals = Arrivals(fake_llm, 3)
-    socket = await _open_chat(alice)
-    queued = await _send(socket)
+    socket = await chat_opened(alice)
+    queued = await message_queued(socket)
 
     notice = await socket.receive(timeout=30)
     frames = await socket.receive_until("done", timeout=30)
@@ -133,8 +118,8 @@ async def test_a_failed_probe_opens_the_breaker_again_and_the_socket_is_told_onc
     fake_llm.default = Behaviour(tokens=TOKENS)
     worker = await asyncio.to_thread(start_worker, "breaker")
     arrivals = Arrivals(fake_llm, 4)
-    socket = await _open_chat(alice)
-    queued = await _send(socket)
+    socket = await chat_opened(alice)
+    queued = await message_queued(socket)
 
     frames = await socket.receive_until("done", timeout=30)
     times = await arrivals.all()
@@ -159,10 +144,12 @@ async def test_waiting_replies_share_one_probe_and_all_go_on_when_it_succeeds(
     fake_llm.default = Behaviour(tokens=TOKENS)
     await asyncio.to_thread(start_worker, "breaker")
     arrivals = Arrivals(fake_llm, 5)
-    sockets = [await _open_chat(user) for user in (alice, alice, bob)]
-    first = await _send(sockets[0])
+    sockets = [await chat_opened(user) for user in (alice, alice, bob)]
+    first = await message_queued(sockets[0])
     assert (await sockets[0].receive(timeout=30))["code"] == "llm_unavailable"
-    others = [await _send(socket) for socket in sockets[1:]]  # sent while the circuit is open
+    others = [
+        await message_queued(socket) for socket in sockets[1:]
+    ]  # sent while the circuit is open
 
     dones = [(await socket.receive_until("done", timeout=60))[-1] for socket in sockets]
     times = await arrivals.all()
@@ -191,13 +178,13 @@ async def test_failures_of_different_replies_add_up(alice, fake_llm, breaker_env
     fake_llm.enqueue(Behaviour(status=503), Behaviour(status=503))
     fake_llm.default = Behaviour(reply="Back again.")
     await asyncio.to_thread(start_worker, "breaker")
-    socket = await _open_chat(alice)
+    socket = await chat_opened(alice)
 
     failed = []
     for _ in range(2):
-        await _send(socket)
+        await message_queued(socket)
         failed.append((await socket.receive_until("error", timeout=30))[-1])
-    last = await _send(socket)
+    last = await message_queued(socket)
     frames = await socket.receive_until("done", timeout=30)
 
     assert [f["code"] for f in failed] == ["llm_error", "llm_error"]
@@ -212,12 +199,12 @@ async def test_refusals_do_not_open_the_breaker(alice, fake_llm, breaker_env, st
     fake_llm.enqueue(Behaviour(status=400), Behaviour(status=400), Behaviour(status=400))
     fake_llm.default = Behaviour(reply="Fine.")
     worker = await asyncio.to_thread(start_worker, "breaker")
-    socket = await _open_chat(alice)
+    socket = await chat_opened(alice)
 
     for _ in range(3):
-        await _send(socket)
+        await message_queued(socket)
         assert (await socket.receive_until("error", timeout=30))[-1]["code"] == "llm_error"
-    await _send(socket)
+    await message_queued(socket)
     frames = await socket.receive_until("done", timeout=30)
 
     assert _notices(socket.frames) == []
@@ -250,9 +237,9 @@ async def test_a_provider_that_never_answers_times_out(
 ):
     fake_llm.default = Behaviour(hang=True)
     await asyncio.to_thread(start_worker, "timeout")
-    socket = await _open_chat(alice)
+    socket = await chat_opened(alice)
     started = time.monotonic()
-    queued = await _send(socket)
+    queued = await message_queued(socket)
 
     error = (await socket.receive_until("error", timeout=30))[-1]
     gone_at = await asyncio.to_thread(fake_llm.wait_for_disconnect, 10)
@@ -270,8 +257,8 @@ async def test_a_stream_that_stalls_midway_times_out(
 ):
     fake_llm.default = Behaviour(tokens=TOKENS, hang_after=3)
     await asyncio.to_thread(start_worker, "timeout")
-    socket = await _open_chat(alice)
-    queued = await _send(socket)
+    socket = await chat_opened(alice)
+    queued = await message_queued(socket)
 
     frames = await socket.receive_until("error", timeout=30)
     await asyncio.to_thread(fake_llm.wait_for_disconnect, 10)
@@ -296,8 +283,8 @@ async def test_the_result_timeout_bounds_the_retries_of_stalled_requests(
     )
     fake_llm.default = Behaviour(hang=True)
     await asyncio.to_thread(start_worker, "timeout")
-    socket = await _open_chat(alice)
-    queued = await _send(socket)
+    socket = await chat_opened(alice)
+    queued = await message_queued(socket)
 
     error = (await socket.receive_until("error", timeout=30))[-1]
 
@@ -313,8 +300,8 @@ async def test_a_waiting_reply_does_not_time_out(alice, fake_llm, breaker_env, s
     fake_llm.enqueue(Behaviour(status=503), Behaviour(status=503))
     fake_llm.default = Behaviour(tokens=TOKENS)
     await asyncio.to_thread(start_worker, "breaker")
-    socket = await _open_chat(alice)
-    queued = await _send(socket)
+    socket = await chat_opened(alice)
+    queued = await message_queued(socket)
 
     frames = await socket.receive_until("done", timeout=30)
 
@@ -334,8 +321,8 @@ async def test_a_socket_resuming_while_the_reply_waits_gets_every_frame_once(
     fake_llm.enqueue(Behaviour(tokens=TOKENS, interval=0.02, cut_after=5), Behaviour(status=503))
     fake_llm.default = Behaviour(tokens=TOKENS)
     conversation = await sync_to_async(conversation_create)(owner=alice)
-    watching = await _open_chat(alice, conversation.id)
-    queued = await _send(watching)
+    watching = await chat_opened(alice, conversation.id)
+    queued = await message_queued(watching)
     joining = await ChatSocket.open(conversation.id, user=alice)
     hello = await joining.receive()
     assert hello["active_job_id"] == queued["job_id"]

@@ -3,11 +3,13 @@
 import json
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import User
 from django.test import Client
 from rest_framework_simplejwt.tokens import AccessToken
 
+from chat.services import conversation_create
 from grizz.asgi import application
 
 
@@ -77,6 +79,23 @@ class ChatSocket:
 
     async def close(self) -> None:
         await self.communicator.disconnect()
+
+
+async def chat_opened(user: User, conversation_id: object = None) -> ChatSocket:
+    """A socket of `user` on a conversation (a new one unless given), past its hello."""
+    if conversation_id is None:
+        conversation_id = (await sync_to_async(conversation_create)(owner=user)).id
+    socket = await ChatSocket.open(conversation_id, user=user)
+    await socket.receive()  # hello
+    return socket
+
+
+async def message_queued(socket: ChatSocket, content: str = "Go") -> dict[str, Any]:
+    """Send a message and return its `queued` frame."""
+    await socket.send({"type": "message", "content": content})
+    queued = await socket.receive()
+    assert queued["type"] == "queued", queued
+    return queued
 
 
 def answer_of(frames: list[dict[str, Any]], job_id: str) -> str:
