@@ -15,7 +15,7 @@ from django.conf import settings
 from chat import services
 from chat.models import Conversation
 from chat.relay import UNAVAILABLE_ERRORS, ReplyRelay, conversation_active_job
-from llmworker.admission import Refusal, queue_pressure, user_admit, user_release
+from llmworker.admission import Refusal, admission_withdraw, job_admit
 from llmworker.jobs import Job
 from llmworker.queue import job_enqueue
 from llmworker.replies import reply_hub_get
@@ -197,47 +197,46 @@ class ChatConsumer(ReplyRelay, AsyncJsonWebsocketConsumer):
                 job_id=job_id,
             )
         except services.ConversationBusy:
-            await self._release(job_id)
+            await self._withdraw(job_id)
             return await self._error("busy", "A reply is still being generated; wait or cancel it.")
         except UNAVAILABLE_ERRORS:
             logger.exception("message refused: a dependency is down")
-            await self._release(job_id)
+            self._withdraw_in_background(job_id)
             return await self._unavailable()
         if not sent.created:
-            await self._release(job_id)  # a resend: the first send holds the slot
+            await self._withdraw(job_id)  # a resend: the first send holds the place
         elif not await self._enqueue(sent):
             return await self._unavailable()
         await self._send_queued(sent, queue_position)
 
     async def _admit(self, job_id: str) -> tuple[Refusal | None, int | None]:
-        """Backpressure first (one cached reading per process), then the user's limits."""
-        pressure = await queue_pressure()
-        if pressure.refusal is not None:
-            return pressure.refusal, None
-        if self._limited:
-            refusal = await user_admit(user_id=self.scope["user"].id, job_id=job_id)
-            if refusal is not None:
-                return refusal, None
-        if pressure.delay:
-            await asyncio.sleep(pressure.delay)  # this socket waits; the event loop does not
-        return None, pressure.queue_position
+        """Backpressure and the user's limits, in one Redis call; a slowed sender waits."""
+        admission = await job_admit(
+            user_id=self.scope["user"].id, job_id=job_id, limited=self._limited
+        )
+        if admission.refusal is None and admission.delay:
+            await asyncio.sleep(admission.delay)  # this socket waits; the event loop does not
+        return admission.refusal, admission.queue_position
 
     @property
     def _limited(self) -> bool:
         return not (settings.CHAT_LIMITS_EXEMPT_STAFF and self.scope["user"].is_staff)
 
-    async def _release(self, job_id: str) -> None:
-        """Give back the user's slot, in the background: the answer to the client must not
-        wait on a Redis that may be the reason for the failure."""
-        task = asyncio.create_task(self._release_now(job_id))
-        _background_tasks.add(task)
-        task.add_done_callback(_background_tasks.discard)
-
-    async def _release_now(self, job_id: str) -> None:
+    async def _withdraw(self, job_id: str) -> None:
+        """Give back the admitted job's place and the user's slot before answering: the
+        client that sees the refusal may send again at once."""
         with contextlib.suppress(*UNAVAILABLE_ERRORS):
             await asyncio.wait_for(
-                user_release(user_id=self.scope["user"].id, job_id=job_id), REDIS_CALL_TIMEOUT
+                admission_withdraw(user_id=self.scope["user"].id, job_id=job_id),
+                REDIS_CALL_TIMEOUT,
             )
+
+    def _withdraw_in_background(self, job_id: str) -> None:
+        """After a failure: the answer to the client must not wait on a Redis that may be
+        the reason for it."""
+        task = asyncio.create_task(self._withdraw(job_id))
+        _background_tasks.add(task)
+        task.add_done_callback(_background_tasks.discard)
 
     async def _refuse_message(self, refusal: Refusal, client_msg_id: str | None) -> None:
         # A resend of a message accepted before is answered as before, whatever the limits.
@@ -289,7 +288,7 @@ class ChatConsumer(ReplyRelay, AsyncJsonWebsocketConsumer):
         except UNAVAILABLE_ERRORS:
             logger.exception("job %s not queued: Redis error", job.job_id)
             await message_retract(sent=sent)
-            await self._release(job.job_id)
+            self._withdraw_in_background(job.job_id)
             return False
 
     async def _on_resume(self, frame: dict[str, Any]) -> None:

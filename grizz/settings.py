@@ -235,12 +235,11 @@ WS_IDLE_TIMEOUT_SECONDS = envfloat("WS_IDLE_TIMEOUT_SECONDS", 300.0, minimum=1.0
 CHAT_RATE_LIMIT = envrate("CHAT_RATE_LIMIT", "20/min")
 CHAT_MAX_INFLIGHT_PER_USER = envint("CHAT_MAX_INFLIGHT_PER_USER", 3)
 CHAT_LIMITS_EXEMPT_STAFF = envbool("CHAT_LIMITS_EXEMPT_STAFF", False)
-# Backpressure on the job queue (jobs not yet finished): above the first, new messages wait
-# a little and are told their place; above the second, they are refused.
+# Backpressure on the job queue (jobs admitted and not yet finished): from the first, new
+# messages wait a little and are told their place; at the second, they are refused. Both
+# are read in the admission script, so they hold across web processes and bursts.
 LLM_SLOWDOWN_PENDING_JOBS = envint("LLM_SLOWDOWN_PENDING_JOBS", 3000, minimum=1)
 LLM_MAX_PENDING_JOBS = envint("LLM_MAX_PENDING_JOBS", 5000, minimum=1)
-# How long a web process trusts its last reading of the queue's length.
-LLM_QUEUE_DEPTH_CACHE_SECONDS = envfloat("LLM_QUEUE_DEPTH_CACHE_SECONDS", 1.0)
 # Staff and members of this group get high-priority replies; high jobs take at most this
 # share of a worker's free slots while normal jobs wait.
 CHAT_PRIORITY_GROUP = envstr("CHAT_PRIORITY_GROUP", "priority")

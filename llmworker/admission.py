@@ -1,12 +1,15 @@
 """Admission: whether a new job may enter the queue, decided before anything is saved.
 
-Per-user limits (messages per window, replies in flight) are one Redis script call, so they
-hold across sockets and web processes. Backpressure reads the queue's length at most once
-per `LLM_QUEUE_DEPTH_CACHE_SECONDS` per process, not once per message.
+One Redis script call decides it, so the limits hold however fast messages come and however
+many web processes send them: backpressure on the number of unfinished jobs, then the
+user's limits (messages per window, replies in flight).
+
+A job admitted is counted at once, as a reservation, because it reaches the stream only
+after its rows are committed: without it, a burst of messages would all read the same
+length and all pass. `job_enqueue` turns the reservation into the stream entry in one
+transaction, and `admission_withdraw` gives it back when the job will not be enqueued.
 """
 
-import asyncio
-import math
 import time
 from dataclasses import dataclass
 
@@ -14,6 +17,7 @@ from django.conf import settings
 
 from llmworker.queue import PRIORITIES
 from llmworker.redis import (
+    jobs_reserved_key,
     jobs_stream_key,
     redis_get,
     script_get,
@@ -25,24 +29,37 @@ from llmworker.redis import (
 # release (a job dropped by hand, say) from holding a user's slot for ever.
 INFLIGHT_MAX_SECONDS = 3600
 INFLIGHT_RETRY_AFTER_SECONDS = 5
+# Between admission and enqueue lie the slow-down wait (at most a second) and one commit.
+# A web process that dies in between leaves its reservation to expire after this long
+# (the reconciler enqueues the reply, which then counts on the stream).
+RESERVATION_MAX_SECONDS = 60
+OVERLOADED_RETRY_AFTER_SECONDS = 10
 
 ADMIT_SCRIPT = """
-local now, window = tonumber(ARGV[1]), tonumber(ARGV[2])
-local rate, inflight = tonumber(ARGV[3]), tonumber(ARGV[4])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-if rate > 0 and redis.call('ZCARD', KEYS[1]) >= rate then
-  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  return {'rate', math.ceil((tonumber(oldest[2]) + window - now) / 1000)}
+local now = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local depth = redis.call('ZCARD', KEYS[1])
+for i = 2, 3 do depth = depth + redis.call('XLEN', KEYS[i]) end
+if depth >= tonumber(ARGV[3]) then return {'overloaded', depth} end
+if ARGV[5] == '1' then
+  local window, rate, inflight = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - window)
+  if rate > 0 and redis.call('ZCARD', KEYS[4]) >= rate then
+    local oldest = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+    return {'rate', math.ceil((tonumber(oldest[2]) + window - now) / 1000)}
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+  if inflight > 0 and redis.call('ZCARD', KEYS[5]) >= inflight then
+    return {'inflight', tonumber(ARGV[10])}
+  end
+  redis.call('ZADD', KEYS[4], now, ARGV[2])
+  redis.call('PEXPIRE', KEYS[4], window)
+  redis.call('ZADD', KEYS[5], now + tonumber(ARGV[9]), ARGV[2])
+  redis.call('PEXPIRE', KEYS[5], ARGV[9])
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-if inflight > 0 and redis.call('ZCARD', KEYS[2]) >= inflight then
-  return {'inflight', tonumber(ARGV[7])}
-end
-redis.call('ZADD', KEYS[1], now, ARGV[5])
-redis.call('PEXPIRE', KEYS[1], window)
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[6]), ARGV[5])
-redis.call('PEXPIRE', KEYS[2], ARGV[6])
-return {'ok', 0}
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return {'ok', depth}
 """
 
 
@@ -53,72 +70,73 @@ class Refusal:
     retry_after: int
 
 
-async def user_admit(*, user_id: int, job_id: str) -> Refusal | None:
-    """Count a new job against its user's limits, or say why it may not start."""
+@dataclass(frozen=True)
+class Admission:
+    refusal: Refusal | None = None
+    delay: float = 0.0  # how long the sender waits before its job is enqueued
+    queue_position: int | None = None  # told to the client when the queue is long
+
+
+async def job_admit(*, user_id: int, job_id: str, limited: bool = True) -> Admission:
+    """Reserve a place in the queue for a new job and count it against its user's limits
+    (unless `limited` is off), or say why it may not start."""
     count, window = settings.CHAT_RATE_LIMIT
-    verdict, retry_after = await script_get(redis_get(), ADMIT_SCRIPT)(
-        keys=[user_rate_key(user_id), user_inflight_key(user_id)],
+    verdict, number = await script_get(redis_get(), ADMIT_SCRIPT)(
+        keys=[
+            jobs_reserved_key(),
+            *(jobs_stream_key(priority) for priority in PRIORITIES),
+            user_rate_key(user_id),
+            user_inflight_key(user_id),
+        ],
         args=[
             int(time.time() * 1000),
+            job_id,
+            settings.LLM_MAX_PENDING_JOBS,
+            RESERVATION_MAX_SECONDS * 1000,
+            "1" if limited else "0",
             window * 1000,
             count,
             settings.CHAT_MAX_INFLIGHT_PER_USER,
-            job_id,
             INFLIGHT_MAX_SECONDS * 1000,
             INFLIGHT_RETRY_AFTER_SECONDS,
         ],
     )
+    if verdict == "ok":
+        return _slowdown(depth=int(number))
+    return Admission(refusal=_refusal(verdict, int(number), count=count, window=window))
+
+
+def _refusal(verdict: str, number: int, *, count: int, window: int) -> Refusal:
+    if verdict == "overloaded":
+        message = "Service is currently at capacity; please retry shortly."
+        return Refusal("overloaded", message, OVERLOADED_RETRY_AFTER_SECONDS)
     if verdict == "rate":
-        return Refusal(
-            "rate_limited", f"You can send {count} messages per {window} seconds.", int(retry_after)
-        )
-    if verdict == "inflight":
-        return Refusal(
-            "rate_limited",
-            f"You already have {settings.CHAT_MAX_INFLIGHT_PER_USER} replies being generated.",
-            int(retry_after),
-        )
-    return None
+        message = f"You can send {count} messages per {window} seconds."
+        return Refusal("rate_limited", message, number)
+    inflight = settings.CHAT_MAX_INFLIGHT_PER_USER
+    return Refusal("rate_limited", f"You already have {inflight} replies being generated.", number)
+
+
+def _slowdown(*, depth: int) -> Admission:
+    """Above LLM_SLOWDOWN_PENDING_JOBS senders wait up to a second, growing with the
+    overload, and learn their place: they slow down before anyone is refused."""
+    slowdown, limit = settings.LLM_SLOWDOWN_PENDING_JOBS, settings.LLM_MAX_PENDING_JOBS
+    if depth < slowdown:
+        return Admission()
+    delay = min(1.0, (depth - slowdown + 1) / max(1, limit - slowdown))
+    return Admission(delay=delay, queue_position=depth + 1)
+
+
+async def admission_withdraw(*, user_id: int | str, job_id: str) -> None:
+    """The admitted job will not be enqueued (refused later, a resend, a failure): give
+    back its place in the queue and its user's slot."""
+    async with redis_get().pipeline(transaction=False) as pipe:
+        pipe.zrem(jobs_reserved_key(), job_id)
+        pipe.zrem(user_inflight_key(user_id), job_id)
+        await pipe.execute()
 
 
 async def user_release(*, user_id: int | str, job_id: str) -> None:
-    """The job is finished (or was never queued): it no longer counts as in flight."""
+    """The job is finished: it no longer counts as in flight."""
     if user_id != "":
         await redis_get().zrem(user_inflight_key(user_id), job_id)
-
-
-@dataclass(frozen=True)
-class QueuePressure:
-    refusal: Refusal | None = None
-    delay: float = 0.0  # how long to wait before enqueueing
-    queue_position: int | None = None  # told to the client when the queue is long
-
-
-_depth_cache: dict[asyncio.AbstractEventLoop, tuple[float, int]] = {}
-
-
-async def queue_depth() -> int:
-    """Jobs not finished: acknowledged entries are deleted from the stream, so its length is
-    the group's lag plus its pending entries (what XINFO GROUPS would add up), in O(1)."""
-    loop = asyncio.get_running_loop()
-    read_at, depth = _depth_cache.get(loop, (-math.inf, 0))
-    if loop.time() - read_at >= settings.LLM_QUEUE_DEPTH_CACHE_SECONDS:
-        async with redis_get().pipeline(transaction=False) as pipe:
-            for priority in PRIORITIES:
-                pipe.xlen(jobs_stream_key(priority))
-            depth = sum(await pipe.execute())
-        _depth_cache[loop] = (loop.time(), depth)
-    return depth
-
-
-async def queue_pressure() -> QueuePressure:
-    depth = await queue_depth()
-    slowdown, limit = settings.LLM_SLOWDOWN_PENDING_JOBS, settings.LLM_MAX_PENDING_JOBS
-    if depth >= limit:
-        message = "Service is currently at capacity; please retry shortly."
-        return QueuePressure(refusal=Refusal("overloaded", message, retry_after=10))
-    if depth >= slowdown:
-        # Up to a second, growing with the overload: senders slow down before the refusal.
-        delay = min(1.0, (depth - slowdown + 1) / max(1, limit - slowdown))
-        return QueuePressure(delay=delay, queue_position=depth + 1)
-    return QueuePressure()

@@ -20,6 +20,7 @@ from llmworker.redis import (
     WORKER_GROUP,
     conversation_channel,
     dead_letter_key,
+    jobs_reserved_key,
     jobs_stream_key,
     redis_get,
     reply_cancel_key,
@@ -82,12 +83,14 @@ async def job_enqueue(*, job: Job, announcement: str | None = None) -> str:
     """Put a job on the stream. Call it only once the rows it names are committed.
 
     `announcement`, a frame for the conversation's sockets, is published in the same
-    transaction, just before any frame of the job's reply can be."""
+    transaction, just before any frame of the job's reply can be. The job's admission
+    reservation ends in it too: the job counts in the queue's length all along, once."""
     async with redis_get().pipeline(transaction=True) as pipe:
         if announcement is not None:
             pipe.publish(conversation_channel(job.conversation_id), announcement)
         pipe.xadd(jobs_stream_key(job.priority), job.to_fields())
-        *_, entry_id = await pipe.execute()
+        pipe.zrem(jobs_reserved_key(), job.job_id)
+        *_, entry_id, _ = await pipe.execute()
     return entry_id
 
 

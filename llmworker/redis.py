@@ -78,6 +78,12 @@ def jobs_stream_key(priority: str = "normal") -> str:
     return key("jobs") if priority == "normal" else key("jobs", priority)
 
 
+def jobs_reserved_key() -> str:
+    # Jobs admitted whose rows are being committed: counted in the queue's length until
+    # job_enqueue puts them on a stream (llmworker/admission.py).
+    return key("jobs", "admitted")
+
+
 def dead_letter_key() -> str:
     return key("jobs", "dead")
 

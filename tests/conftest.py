@@ -6,7 +6,6 @@ own Redis key prefix, deleted at the end.
 """
 
 import os
-import socket
 import uuid
 from collections.abc import Iterator
 
@@ -15,7 +14,7 @@ from django.conf import settings
 from django.contrib.auth.models import User
 
 from tests.support.fake_openai import Behaviour, FakeOpenAI
-from tests.support.processes import ServiceProcess, daphne_start, worker_start
+from tests.support.processes import ServiceProcess, daphne_start, free_port, worker_start
 
 RUN_ID = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
@@ -137,16 +136,10 @@ def start_worker(service_env: dict[str, str]) -> Iterator:
 
 @pytest.fixture
 def daphne(service_env: dict[str, str]) -> Iterator[ServiceProcess]:
-    process = daphne_start(env=service_env, port=_free_port())
+    process = daphne_start(env=service_env, port=free_port())
     yield process
     process.stop()
     print(f"--- daphne output ---\n{process.output}")  # shown on failure
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ with their output collected so that a test can wait for a line instead of sleepi
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -78,6 +79,12 @@ class ServiceProcess:
                 self.process.kill()
                 self.process.wait(timeout=10)
         self.reader.join(timeout=5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def worker_start(
