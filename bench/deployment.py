@@ -262,7 +262,7 @@ class Deployment:
             raise DeploymentError(f"manage.py {' '.join(args)} failed:\n{result.stderr[-3000:]}")
 
     def _web_start(self, env: dict[str, str]) -> None:
-        args = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.web_port)]
+        args = [sys.executable, "-m", "grizz.server", "-b", "127.0.0.1", "-p", str(self.web_port)]
         self._spawn("web", [*args, "grizz.asgi:application"], env)
 
     def _worker_start(self, env: dict[str, str], key: str = "worker", name: str = "") -> Service:

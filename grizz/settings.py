@@ -224,9 +224,12 @@ CHANNEL_LAYERS = {
 
 # The chat.
 CHAT_MAX_MESSAGE_CHARS = envint("CHAT_MAX_MESSAGE_CHARS", 32000, minimum=1)
-# Frames larger than this are refused with too_long (daphne itself closes the socket with
-# 1009 above its own limit, 1 MiB).
+# Frames larger than this are refused with too_long, the socket staying open. Frames over the
+# transport limit are not even read: the socket is closed with 1009 (grizz/server.py).
 WS_MAX_FRAME_BYTES = envint("WS_MAX_FRAME_BYTES", 256 * 1024, minimum=1024)
+WS_TRANSPORT_MAX_BYTES = envint(
+    "WS_TRANSPORT_MAX_BYTES", max(4 * WS_MAX_FRAME_BYTES, 1024 * 1024), minimum=WS_MAX_FRAME_BYTES
+)
 # Sockets with no frame from the client for this long, and no reply streaming to them, are
 # closed with 4408. Browsers ping every 30 s.
 WS_IDLE_TIMEOUT_SECONDS = envfloat("WS_IDLE_TIMEOUT_SECONDS", 300.0, minimum=1.0)

@@ -67,3 +67,10 @@ def test_it_rejects_a_malformed_boolean():
     result = _manage("check", **{**PRODUCTION, "DJANGO_DEBUG": "maybe"})
     assert result.returncode != 0
     assert "DJANGO_DEBUG must be a boolean" in result.stderr
+
+
+def test_it_rejects_a_transport_limit_below_the_frame_limit():
+    env = {**PRODUCTION, "WS_MAX_FRAME_BYTES": "65536", "WS_TRANSPORT_MAX_BYTES": "1024"}
+    result = _manage("check", **env)
+    assert result.returncode != 0
+    assert "WS_TRANSPORT_MAX_BYTES must be at least 65536" in result.stderr

@@ -110,7 +110,7 @@ def daphne_start(*, env: dict[str, str], port: int) -> ServiceProcess:
         [
             sys.executable,
             "-m",
-            "daphne",
+            "grizz.server",
             "-b",
             "127.0.0.1",
             "-p",

@@ -1,0 +1,70 @@
+"""The web server: daphne, run as `python -m grizz.server` with daphne's own arguments.
+
+Two changes to daphne's WebSocket handling, so that a client always learns why a frame
+was refused instead of seeing the connection drop (1006, no reason):
+
+- daphne reads a message whole before the consumer sees it, up to its own limit (1 MiB by
+  default), and above it autobahn drops the TCP connection without a close frame. Here a
+  frame over the consumer's limit (WS_MAX_FRAME_BYTES) but within the transport limit is
+  refused by the consumer with `too_long` and the socket stays open; the transport limit is
+  WS_TRANSPORT_MAX_BYTES (4 x WS_MAX_FRAME_BYTES, at least 1 MiB), which bounds what one
+  socket can make the process hold in memory.
+- Above the transport limit the frame is not read: the socket is closed with 1009 and a
+  reason naming WS_MAX_FRAME_BYTES (autobahn's failByDrop off, so it sends a close frame).
+"""
+
+import os
+import sys
+from typing import Any
+
+# daphne.server installs Twisted's asyncio reactor: it must come before anything that
+# imports Twisted.
+from daphne.server import Server  # isort: skip
+from daphne.cli import CommandLineInterface
+from daphne.ws_protocol import WebSocketProtocol
+from django.conf import settings
+
+
+class FrameLimitedWebSocketProtocol(WebSocketProtocol):
+    def _max_message_size_exceeded(self, msg_size: int, max_msg_size: int, reason: str) -> None:
+        # autobahn's hook for a message over maxMessagePayloadSize; its default reason
+        # names the transport limit, which the client never otherwise hears of.
+        self._fail_connection(
+            self.CLOSE_STATUS_CODE_MESSAGE_TOO_BIG,
+            f"Frames are limited to {settings.WS_MAX_FRAME_BYTES} bytes.",
+        )
+
+
+class GrizzServer(Server):
+    def __init__(self, *args: Any, ready_callable: Any = None, **kwargs: Any) -> None:
+        # daphne calls ready_callable once its factories exist and before the reactor
+        # runs, that is before any socket is accepted: the place to adjust the factory.
+        super().__init__(*args, ready_callable=self._websockets_configure, **kwargs)
+        self.then_ready = ready_callable
+
+    def _websockets_configure(self) -> None:
+        self.ws_factory.protocol = FrameLimitedWebSocketProtocol
+        self.ws_factory.setProtocolOptions(failByDrop=False)
+        if self.then_ready is not None:
+            self.then_ready()
+
+
+class GrizzCommandLineInterface(CommandLineInterface):
+    server_class = GrizzServer
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Explicit --websocket-max-message-size / --websocket-max-frame-size still win.
+        self.parser.set_defaults(
+            websocket_max_message_size=settings.WS_TRANSPORT_MAX_BYTES,
+            websocket_max_frame_size=settings.WS_TRANSPORT_MAX_BYTES,
+        )
+
+
+def main(argv: list[str]) -> None:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "grizz.settings")
+    GrizzCommandLineInterface().run(argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
