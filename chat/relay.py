@@ -102,10 +102,10 @@ class ReplyRelay:
             await self.send_json({k: v for k, v in frame.items() if k != "origin"})
 
     async def _replay(self, job_id: str, *, after: int) -> int:
-        for raw in await reply_replay(job_id=job_id, after=after):
-            after += 1
+        for seq, raw in await reply_replay(job_id=job_id, after=after):
             await self.send(text_data=raw)
-            self._mark_seen(job_id, after, json.loads(raw))
+            self._mark_seen(job_id, seq, json.loads(raw))
+            after = seq
         return after
 
     def _mark_seen(self, job_id: str, seq: int, frame: dict[str, Any]) -> None:

@@ -79,19 +79,34 @@ return 1
 )
 
 
+# The job's entry, its admission reservation ended and the announcement of its message, in
+# one atomic call: the job counts in the queue's length all along, once, and the
+# announcement reaches the conversation's sockets before any frame of the reply can.
+ENQUEUE_SCRIPT = """
+if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 4))
+redis.call('ZREM', KEYS[2], ARGV[3])
+return id
+"""
+
+
 async def job_enqueue(*, job: Job, announcement: str | None = None) -> str:
     """Put a job on the stream. Call it only once the rows it names are committed.
 
-    `announcement`, a frame for the conversation's sockets, is published in the same
-    transaction, just before any frame of the job's reply can be. The job's admission
-    reservation ends in it too: the job counts in the queue's length all along, once."""
-    async with redis_get().pipeline(transaction=True) as pipe:
-        if announcement is not None:
-            pipe.publish(conversation_channel(job.conversation_id), announcement)
-        pipe.xadd(jobs_stream_key(job.priority), job.to_fields())
-        pipe.zrem(jobs_reserved_key(), job.job_id)
-        *_, entry_id, _ = await pipe.execute()
-    return entry_id
+    `announcement`, a frame for the conversation's sockets, is published just before."""
+    fields = [part for pair in job.to_fields().items() for part in pair]
+    client = redis_get()
+    return str(
+        await script_get(client, ENQUEUE_SCRIPT)(
+            keys=[jobs_stream_key(job.priority), jobs_reserved_key()],
+            args=[
+                conversation_channel(job.conversation_id),
+                announcement or "",
+                job.job_id,
+                *fields,
+            ],
+        )
+    )
 
 
 async def jobs_live() -> set[str]:

@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import random
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -34,31 +36,49 @@ from llmworker.redis import (
 
 logger = logging.getLogger(__name__)
 
-# The frame is built as head + N + tail, so the script needs no JSON library and
-# the seq is assigned where the frame is appended: log order and seq order always agree.
+# The frame is built as head + N + tail, so the script needs no JSON library. Each frame's
+# entry id in the log is 0-<seq>: Redis refuses an id not above the last, so the log can
+# never hold two frames with one seq or seqs out of order, and a replay reads from a seq
+# directly. The publisher knows the next seq (it is the reply's only writer, one frame at
+# a time); when it does not (ARGV[6] empty: a new publisher, or its last call failed), or
+# its guess is taken, the script appends after the last frame.
 # A frame of an attempt that is no longer the current one (its worker stalled past its
-# lease and another took over) is refused: -1.
+# lease and another took over) is refused: -1. In the common case the script runs three
+# commands: GET, XADD, PUBLISH (EXPIRE only when the publisher asks for it).
 EMIT_SCRIPT = """
 if ARGV[5] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[5] then return -1 end
-local seq = redis.call('XLEN', KEYS[1]) + 1
+local function after_last()
+  local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+  return last and tonumber(string.match(last[1], '%d+$')) + 1 or 1
+end
+local seq = tonumber(ARGV[6]) or after_last()
 local frame = ARGV[2] .. seq .. ARGV[3]
-redis.call('XADD', KEYS[1], '*', 'f', frame)
-redis.call('EXPIRE', KEYS[1], ARGV[4])
+local added = redis.pcall('XADD', KEYS[1], '0-' .. seq, 'f', frame)
+if type(added) == 'table' and added.err then
+  seq = after_last()
+  frame = ARGV[2] .. seq .. ARGV[3]
+  redis.call('XADD', KEYS[1], '0-' .. seq, 'f', frame)
+end
+if ARGV[4] ~= '' then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
 redis.call('PUBLISH', ARGV[1], frame)
 return seq
 """
 
 # Makes an attempt the current one, unless a newer one already is; tells whether the reply
-# was cancelled meanwhile and how many frames earlier attempts left in the log.
+# was cancelled meanwhile and the seq of the last frame earlier attempts left in the log.
 ATTEMPT_BEGIN_SCRIPT = """
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 if current >= tonumber(ARGV[1]) then return {-1, 0} end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-return {redis.call('EXISTS', KEYS[2]), redis.call('XLEN', KEYS[3])}
+local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)[1]
+local last_seq = last and tonumber(string.match(last[1], '%d+$')) or 0
+return {redis.call('EXISTS', KEYS[2]), last_seq}
 """
 
-# While a reply is running its log must outlive any pause in generation.
+# While a reply is running its log must outlive any pause in generation; the publisher
+# renews the expiry this often rather than with every frame.
 RUNNING_LOG_TTL_SECONDS = 3600
+RUNNING_LOG_RENEW_SECONDS = 600
 CANCEL_TTL_SECONDS = 3600
 
 
@@ -97,30 +117,46 @@ class ReplyPublisher:
         self.attempt = attempt
         self.redis = client
         self.script = script_get(client, EMIT_SCRIPT)
+        self.next_seq: int | None = None  # None: unknown, the script finds it
+        self.log_expiry_renewed_at = -math.inf
 
     async def attempt_begin(self, attempt: int) -> AttemptStart:
-        cancelled, earlier_frames = await script_get(self.redis, ATTEMPT_BEGIN_SCRIPT)(
+        cancelled, last_seq = await script_get(self.redis, ATTEMPT_BEGIN_SCRIPT)(
             keys=[self.attempt_key, reply_cancel_key(self.job_id), self.log_key],
             args=[attempt, RUNNING_LOG_TTL_SECONDS],
         )
         if cancelled == -1:
             raise StaleAttempt()
         self.attempt = attempt
-        if earlier_frames and not cancelled:
+        self.next_seq = int(last_seq) + 1
+        if last_seq and not cancelled:
             await self.restart()
         return AttemptStart(cancelled=bool(cancelled))
 
-    async def _emit(self, kind: str, *, ttl: int = RUNNING_LOG_TTL_SECONDS, **body: Any) -> int:
+    async def _emit(self, kind: str, *, ttl: int | None = None, **body: Any) -> int:
         head, tail = _frame_parts(kind, self.job_id, **body)
         fence = "" if self.attempt is None else str(self.attempt)
+        expiry = ttl if ttl is not None else self._running_expiry_due()
+        seq_guess, self.next_seq = self.next_seq, None  # unknown again if this call fails
         seq = int(
             await self.script(
-                keys=[self.log_key, self.attempt_key], args=[self.channel, head, tail, ttl, fence]
+                keys=[self.log_key, self.attempt_key],
+                args=[self.channel, head, tail, expiry or "", fence, seq_guess or ""],
             )
         )
         if seq < 0:
             raise StaleAttempt()
+        self.next_seq = seq + 1
+        if expiry:
+            self.log_expiry_renewed_at = time.monotonic()
         return seq
+
+    def _running_expiry_due(self) -> int | None:
+        """The running log's expiry, set with the first frame and then every
+        RUNNING_LOG_RENEW_SECONDS rather than with every frame."""
+        if time.monotonic() - self.log_expiry_renewed_at < RUNNING_LOG_RENEW_SECONDS:
+            return None
+        return RUNNING_LOG_TTL_SECONDS
 
     async def delta(self, content: str) -> int:
         return await self._emit("delta", content=content)
@@ -161,10 +197,10 @@ async def reply_cancel_request(*, job_id: str) -> None:
         await pipe.execute()
 
 
-async def reply_replay(*, job_id: str, after: int) -> list[str]:
-    """The frames of a reply with seq > after, in order, as JSON text."""
-    entries = await redis_get().xrange(reply_log_key(job_id))
-    return [fields["f"] for _, fields in entries[after:]]
+async def reply_replay(*, job_id: str, after: int) -> list[tuple[int, str]]:
+    """The frames of a reply with seq > after, in order: (seq, JSON text) each."""
+    entries = await redis_get().xrange(reply_log_key(job_id), min=f"0-{after + 1}")
+    return [(int(entry_id.partition("-")[2]), fields["f"]) for entry_id, fields in entries]
 
 
 class ReplyListener(Protocol):

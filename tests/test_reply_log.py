@@ -1,0 +1,104 @@
+"""The replay log on the real Redis: every frame of a reply once, in seq order, whatever the
+publisher believes its next seq to be."""
+
+import json
+import uuid
+
+import pytest
+
+from llmworker.redis import redis_get
+from llmworker.replies import ReplyPublisher, StaleAttempt, reply_replay
+
+pytestmark = [pytest.mark.asyncio]
+
+
+def _publisher(job_id: str) -> ReplyPublisher:
+    return ReplyPublisher(job_id=job_id, conversation_id=str(uuid.uuid4()), client=redis_get())
+
+
+async def _logged(job_id: str) -> list[tuple[int, dict]]:
+    return [(seq, json.loads(raw)) for seq, raw in await reply_replay(job_id=job_id, after=0)]
+
+
+async def test_frames_are_numbered_from_one_in_order():
+    job_id = str(uuid.uuid4())
+    publisher = _publisher(job_id)
+    await publisher.attempt_begin(1)
+
+    seqs = [await publisher.delta(text) for text in ("a", "b", "c")]
+
+    assert seqs == [1, 2, 3]
+    assert [(seq, frame["seq"], frame["content"]) for seq, frame in await _logged(job_id)] == [
+        (1, 1, "a"),
+        (2, 2, "b"),
+        (3, 3, "c"),
+    ]
+
+
+async def test_a_taken_seq_goes_after_the_last_frame_never_twice():
+    job_id = str(uuid.uuid4())
+    publisher = _publisher(job_id)
+    await publisher.attempt_begin(1)
+    await publisher.delta("a")
+    await publisher.delta("b")
+
+    publisher.next_seq = 1  # as if a send it thought lost had reached Redis after all
+    seq = await publisher.delta("c")
+
+    assert seq == 3
+    assert [frame["seq"] for _, frame in await _logged(job_id)] == [1, 2, 3]
+
+
+async def test_a_new_publisher_continues_the_log():
+    job_id = str(uuid.uuid4())
+    first = _publisher(job_id)
+    await first.attempt_begin(1)
+    await first.delta("a")
+
+    # The worker's unfenced publisher of a final error (its entry lost, say) knows no seq.
+    seq = await _publisher(job_id).error(code="llm_error", message="lost")
+
+    assert seq == 2
+    assert [frame["type"] for _, frame in await _logged(job_id)] == ["delta", "error"]
+
+
+async def test_a_new_attempt_restarts_after_the_earlier_frames():
+    job_id = str(uuid.uuid4())
+    first = _publisher(job_id)
+    await first.attempt_begin(1)
+    await first.delta("a")
+
+    second = _publisher(job_id)
+    await second.attempt_begin(2)
+    await second.delta("b")
+
+    frames = [(seq, frame["type"]) for seq, frame in await _logged(job_id)]
+    assert frames == [(1, "delta"), (2, "restart"), (3, "delta")]
+    with pytest.raises(StaleAttempt):
+        await first.delta("late")  # the superseded attempt writes nothing
+
+
+async def test_a_replay_starts_after_the_given_seq():
+    job_id = str(uuid.uuid4())
+    publisher = _publisher(job_id)
+    await publisher.attempt_begin(1)
+    for text in ("a", "b", "c", "d"):
+        await publisher.delta(text)
+
+    replayed = await reply_replay(job_id=job_id, after=2)
+
+    assert [seq for seq, _ in replayed] == [3, 4]
+
+
+async def test_the_running_log_expires_and_the_final_frame_sets_the_replay_expiry(settings):
+    job_id = str(uuid.uuid4())
+    publisher = _publisher(job_id)
+    await publisher.attempt_begin(1)
+    await publisher.delta("a")
+    running = await redis_get().ttl(publisher.log_key)
+
+    await publisher.done(reply_id="r", status="complete", content="a", usage=None)
+    final = await redis_get().ttl(publisher.log_key)
+
+    assert running > settings.LLM_REPLAY_TTL_SECONDS
+    assert 0 < final <= settings.LLM_REPLAY_TTL_SECONDS
