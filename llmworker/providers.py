@@ -9,10 +9,11 @@ from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Protocol
+from typing import Protocol, cast
 
 import openai
 from django.conf import settings
+from openai.types.chat import ChatCompletionMessageParam
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,9 @@ class OpenAIProvider:
         try:
             stream = await self.client.chat.completions.create(
                 model=model,
-                messages=messages,  # type: ignore[arg-type]
+                # Each is a {"role", "content"} of system, user or assistant (reply_prompt in
+                # chat/services.py), whose role openai types as a Literal, not a str.
+                messages=cast(list[ChatCompletionMessageParam], messages),
                 stream=True,
                 stream_options={"include_usage": True},
             )

@@ -10,14 +10,18 @@ stalled past its lease cannot acknowledge a job another worker has taken over.
 import logging
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import redis.asyncio as aioredis
 from django.conf import settings
 from redis.exceptions import ResponseError
+from redis.typing import EncodableT, FieldT, KeyT, StreamIdT
 
 from llmworker.jobs import InvalidJob, Job
 from llmworker.redis import (
     WORKER_GROUP,
+    StreamEntries,
+    StreamsRead,
     conversation_channel,
     dead_letter_key,
     jobs_stream_key,
@@ -86,9 +90,10 @@ async def job_enqueue(*, job: Job, announcement: str | None = None) -> str:
     async with redis_get().pipeline(transaction=True) as pipe:
         if announcement is not None:
             pipe.publish(conversation_channel(job.conversation_id), announcement)
-        pipe.xadd(jobs_stream_key(job.priority), job.to_fields())
+        # redis-py types the fields as a dict of every type it can send; xadd only reads it.
+        pipe.xadd(jobs_stream_key(job.priority), cast("dict[FieldT, EncodableT]", job.to_fields()))
         *_, entry_id = await pipe.execute()
-    return entry_id
+    return cast(str, entry_id)
 
 
 async def jobs_live() -> set[str]:
@@ -96,7 +101,7 @@ async def jobs_live() -> set[str]:
     deleted, so the streams hold just the work not yet done."""
     live: set[str] = set()
     for priority in PRIORITIES:
-        entries = await redis_get().xrange(jobs_stream_key(priority))
+        entries = cast(StreamEntries, await redis_get().xrange(jobs_stream_key(priority)))
         live.update(fields.get("job_id", "") for _, fields in entries)
     return live
 
@@ -170,10 +175,13 @@ class JobQueue:
         return await self._read({stream: "0" for stream in self.streams}, count=count)
 
     async def _read(
-        self, streams: dict[str, str], *, count: int, block_ms: int | None = None
+        self, streams: dict[KeyT, StreamIdT], *, count: int, block_ms: int | None = None
     ) -> list[Delivery]:
-        reply = await self.redis.xreadgroup(
-            WORKER_GROUP, self.consumer, streams, count=count, block=block_ms
+        reply = cast(
+            StreamsRead | None,
+            await self.redis.xreadgroup(
+                WORKER_GROUP, self.consumer, streams, count=count, block=block_ms
+            ),
         )
         return [
             self._delivery(stream, entry_id, data)

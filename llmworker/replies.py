@@ -15,13 +15,14 @@ import logging
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import redis.asyncio as aioredis
 from django.conf import settings
 from redis.exceptions import RedisError
 
 from llmworker.redis import (
+    StreamEntries,
     cancel_channel,
     conversation_channel,
     redis_get,
@@ -163,7 +164,7 @@ async def reply_cancel_request(*, job_id: str) -> None:
 
 async def reply_replay(*, job_id: str, after: int) -> list[str]:
     """The frames of a reply with seq > after, in order, as JSON text."""
-    entries = await redis_get().xrange(reply_log_key(job_id))
+    entries = cast(StreamEntries, await redis_get().xrange(reply_log_key(job_id)))
     return [fields["f"] for _, fields in entries[after:]]
 
 

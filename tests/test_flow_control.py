@@ -2,6 +2,7 @@
 is a typed error on a socket that stays open, and nothing is saved."""
 
 import asyncio
+from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -20,7 +21,7 @@ def no_limits(settings):
     return settings
 
 
-async def _send(socket: ChatSocket, content: str = "Hi", **extra: object) -> dict:
+async def _send(socket: ChatSocket, content: str = "Hi", **extra: object) -> dict[str, Any]:
     await socket.send({"type": "message", "content": content, **extra})
     return await socket.receive()
 

@@ -12,6 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class ServiceProcess:
+    port: int  # daphne's, set by daphne_start
+
     def __init__(self, args: list[str], *, env: dict[str, str]) -> None:
         self.args = args
         self.process = subprocess.Popen(
@@ -113,5 +115,5 @@ def daphne_start(*, env: dict[str, str], port: int) -> ServiceProcess:
         env=env,
     )
     process.wait_for_line(r"Listening on TCP address")
-    process.port = port  # type: ignore[attr-defined]
+    process.port = port
     return process
