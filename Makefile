@@ -20,17 +20,19 @@ install: $(VENV)/.installed
 run: install
 	@$(PY) scripts/run.py
 
-test: install
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
-	DATABASE_URL=$(TEST_DATABASE_URL) DJANGO_DEBUG=0 DJANGO_SECRET_KEY=grizz-test-only-not-a-secret-0123456789 \
-		$(PY) manage.py makemigrations --check --dry-run
-	DATABASE_URL=$(TEST_DATABASE_URL) DJANGO_DEBUG=0 DJANGO_SECRET_KEY=grizz-test-only-not-a-secret-0123456789 \
-		$(PY) -m pytest $(PYTEST_ARGS)
+# What the tests (and mypy, whose Django plugin imports the settings) run with.
+TEST_ENV := DATABASE_URL=$(TEST_DATABASE_URL) DJANGO_DEBUG=0 \
+	DJANGO_SECRET_KEY=grizz-test-only-not-a-secret-0123456789
 
-lint:
+test: install lint
+	$(TEST_ENV) $(PY) manage.py makemigrations --check --dry-run
+	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+
+# mypy checks the `files` listed in pyproject.toml.
+lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(TEST_ENV) $(VENV)/bin/mypy
 
 format:
 	$(VENV)/bin/ruff check --fix .

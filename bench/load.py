@@ -220,7 +220,9 @@ class DirectClient:
         turn.content = "".join(part for _, _, part in turn.deltas)
 
 
-def direct_clients(deployment: Deployment, count: int) -> tuple[openai.AsyncOpenAI, list]:
+def direct_clients(
+    deployment: Deployment, count: int
+) -> tuple[openai.AsyncOpenAI, list[DirectClient]]:
     """`count` baseline turners sharing one AsyncOpenAI client, as the worker does."""
     client = openai.AsyncOpenAI(
         api_key="bench-key", base_url=deployment.model_url, max_retries=0, timeout=120

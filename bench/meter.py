@@ -58,7 +58,10 @@ class Meter:
     CPU seconds a process (or a process tree) has used so far."""
 
     def __init__(self, readers: dict[str, CpuReader]) -> None:
-        self.readers = {**readers, "bench": functools.partial(process_cpu_s, os.getpid())}
+        self.readers: dict[str, CpuReader] = {
+            **readers,
+            "bench": functools.partial(process_cpu_s, os.getpid()),
+        }
         self.lags: list[int] = []
         self.usage: Usage | None = None
 

@@ -33,7 +33,7 @@ class StampedModel(fake.FakeOpenAI):
         super().__init__(host=host, port=port, max_history=0)
         self.shape = shape
 
-    async def _chat(self, conn: Any, request: Any) -> bool:
+    async def _chat(self, conn: fake._Connection, request: fake._Request) -> bool:
         arrival_ns = time.monotonic_ns()
         body = fake._parse_json_object(request.body)
         if body is None or body.get("stream") is not True:
@@ -52,7 +52,12 @@ class StampedModel(fake.FakeOpenAI):
         return ReplyShape.from_text(last if isinstance(last, str) else "") or self.shape
 
     async def _stream(
-        self, conn: Any, call: Any, shape: ReplyShape, arrival_ns: int, request: Any
+        self,
+        conn: fake._Connection,
+        call: fake._ChatCall,
+        shape: ReplyShape,
+        arrival_ns: int,
+        request: fake._Request,
     ) -> bool:
         head = fake._response_head(200, _STREAM_HEADERS, keep_alive=request.keep_alive)
         await conn.write(head + fake._sse_frame(call.chunk({"role": "assistant", "content": ""})))

@@ -4,6 +4,8 @@ import uuid
 
 from asgiref.sync import async_to_sync
 from django.conf import settings
+from django.contrib.auth.models import User
+from django.db.models import QuerySet
 from django.http import Http404
 from django.shortcuts import get_object_or_404
 from redis.exceptions import RedisError
@@ -16,7 +18,14 @@ from chat import services
 from chat.models import Conversation, Message
 
 
-class ConversationSerializer(serializers.ModelSerializer):
+class AuthenticatedRequest(Request):
+    """The request of a view behind IsAuthenticated, the default permission: its user is
+    signed in (for mypy only)."""
+
+    user: User
+
+
+class ConversationSerializer(serializers.ModelSerializer[Conversation]):
     class Meta:
         model = Conversation
         fields = ["id", "title", "model", "system_prompt", "created_at", "updated_at"]
@@ -28,7 +37,7 @@ class ConversationSerializer(serializers.ModelSerializer):
         }
 
 
-class MessageSerializer(serializers.ModelSerializer):
+class MessageSerializer(serializers.ModelSerializer[Message]):
     usage = serializers.JSONField(read_only=True)
 
     class Meta:
@@ -36,26 +45,27 @@ class MessageSerializer(serializers.ModelSerializer):
         fields = ["id", "role", "content", "status", "job_id", "error", "usage", "created_at"]
 
 
-class ConversationListCreate(generics.ListCreateAPIView):
+class ConversationListCreate(generics.ListCreateAPIView[Conversation]):
     serializer_class = ConversationSerializer
+    request: AuthenticatedRequest
 
-    def get_queryset(self):  # type: ignore[no-untyped-def]
+    def get_queryset(self) -> QuerySet[Conversation]:
         return Conversation.objects.filter(owner=self.request.user)
 
-    def perform_create(self, serializer: ConversationSerializer) -> None:
+    def perform_create(self, serializer: serializers.BaseSerializer[Conversation]) -> None:
         serializer.instance = services.conversation_create(
             owner=self.request.user, **serializer.validated_data
         )
 
 
-class MessageList(generics.ListAPIView):
+class MessageList(generics.ListAPIView[Message]):
     serializer_class = MessageSerializer
+    request: AuthenticatedRequest
 
-    def get_queryset(self):  # type: ignore[no-untyped-def]
-        request: Request = self.request
+    def get_queryset(self) -> QuerySet[Message]:
         # Another user's conversation is a 404, exactly like one that does not exist.
         conversation = get_object_or_404(
-            Conversation, id=self.kwargs["conversation_id"], owner=request.user
+            Conversation, id=self.kwargs["conversation_id"], owner=self.request.user
         )
         return conversation.messages.order_by("position")
 

@@ -5,9 +5,10 @@ The session cookie is honoured only from a page of our own origin: a page elsewh
 otherwise open a socket as the signed-in user (cross-site WebSocket hijacking).
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
+from asgiref.typing import ASGIReceiveCallable, ASGISendCallable
 from channels.db import database_sync_to_async
 from channels.middleware import BaseMiddleware
 from django.conf import settings
@@ -15,6 +16,9 @@ from django.contrib.auth.models import AnonymousUser
 from django.http.request import validate_host
 from rest_framework_simplejwt.authentication import JWTAuthentication
 from rest_framework_simplejwt.exceptions import AuthenticationFailed, InvalidToken, TokenError
+
+if TYPE_CHECKING:
+    from channels.consumer import _ChannelScope
 
 
 @database_sync_to_async
@@ -26,14 +30,14 @@ def user_from_token(raw_token: str) -> Any:
         return AnonymousUser()
 
 
-def _header(scope: dict[str, Any], name: bytes) -> str | None:
+def _header(scope: "_ChannelScope", name: bytes) -> str | None:
     for key, value in scope.get("headers", []):
         if key == name:
             return value.decode("latin-1")
     return None
 
 
-def origin_is_trusted(scope: dict[str, Any]) -> bool:
+def origin_is_trusted(scope: "_ChannelScope") -> bool:
     origin = _header(scope, b"origin")
     if origin is None:
         return False  # browsers always send Origin on WebSockets; others must use a token
@@ -47,12 +51,12 @@ def origin_is_trusted(scope: dict[str, Any]) -> bool:
     )
 
 
-def _token_from_query(scope: dict[str, Any]) -> str | None:
+def _token_from_query(scope: "_ChannelScope") -> str | None:
     tokens = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token")
     return tokens[0] if tokens else None
 
 
-def _token_from_subprotocols(scope: dict[str, Any]) -> str | None:
+def _token_from_subprotocols(scope: "_ChannelScope") -> str | None:
     # Keeps the token out of URLs and access logs: Sec-WebSocket-Protocol: grizz, jwt.<token>
     for protocol in scope.get("subprotocols", []):
         if protocol.startswith("jwt."):
@@ -64,10 +68,14 @@ class TokenAuthMiddleware(BaseMiddleware):
     """Runs inside AuthMiddlewareStack: replaces the session user when a token is given, and
     drops it when the socket comes from another origin."""
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
+    async def __call__(
+        self, scope: "_ChannelScope", receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> Any:
         token = _token_from_subprotocols(scope) or _token_from_query(scope)
         if token is not None:
             scope = {**scope, "user": await user_from_token(token)}
         elif not origin_is_trusted(scope):
-            scope = {**scope, "user": AnonymousUser()}
+            # The stubs allow only AuthMiddleware's lazy user in scope["user"], but for a
+            # signed-out socket that lazy user is this same AnonymousUser.
+            scope = {**scope, "user": AnonymousUser()}  # type: ignore[typeddict-item]
         return await super().__call__(scope, receive, send)

@@ -6,11 +6,11 @@ import contextlib
 import json
 import logging
 import uuid
-from typing import Any
+from typing import Any, cast
 
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
+from django.contrib.auth.models import User
 
 from chat import services
 from chat.models import Conversation
@@ -54,7 +54,7 @@ def _uuid_or_none(value: object) -> uuid.UUID | None:
         return None
 
 
-class ChatConsumer(ReplyRelay, AsyncJsonWebsocketConsumer):
+class ChatConsumer(ReplyRelay):
     # Not on the Channels layer: reply frames come through the ReplyHub (llmworker/replies.py),
     # one pub/sub connection per process with a replay log behind it. A layer receive loop
     # per socket would add nothing, and a Redis blip in it would end every socket.
@@ -62,15 +62,21 @@ class ChatConsumer(ReplyRelay, AsyncJsonWebsocketConsumer):
     conversation: Conversation | None = None
     priority: str | None = None  # of this user's jobs, read once per socket
 
+    @property
+    def user(self) -> User:
+        # connect() refuses a socket whose user is not signed in: past it, this is a User.
+        return cast(User, self.scope["user"])
+
     async def connect(self) -> None:
         self.socket_id = uuid.uuid4().hex  # tells this socket's announcements from others'
         self.relay_setup()
-        if not self.scope["user"].is_authenticated:
+        user = self.scope["user"]  # set on every socket by AuthMiddlewareStack
+        if user is None or not user.is_authenticated:
             return await self._refuse(CLOSE_UNAUTHENTICATED)
         conversation_id = _uuid_or_none(self.scope["url_route"]["kwargs"]["conversation_id"])
         try:
             conversation = conversation_id and await conversation_get_for_user(
-                conversation_id=conversation_id, user=self.scope["user"]
+                conversation_id=conversation_id, user=self.user
             )
             if not conversation:
                 return await self._refuse(CLOSE_NOT_FOUND)
@@ -142,7 +148,9 @@ class ChatConsumer(ReplyRelay, AsyncJsonWebsocketConsumer):
 
     # Client → server
 
-    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+    async def receive(
+        self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any
+    ) -> None:
         self.last_client_frame_at = asyncio.get_running_loop().time()
         if text_data is None:
             return await self._error("invalid", "Frames must be JSON text, not binary.")
@@ -191,7 +199,7 @@ class ChatConsumer(ReplyRelay, AsyncJsonWebsocketConsumer):
             if refusal is not None:
                 return await self._refuse_message(refusal, client_msg_id)
             sent = await message_send(
-                conversation=self.conversation,
+                conversation=self.followed,
                 content=content,
                 client_msg_id=client_msg_id,
                 job_id=job_id,
@@ -211,23 +219,21 @@ class ChatConsumer(ReplyRelay, AsyncJsonWebsocketConsumer):
 
     async def _admit(self, job_id: str) -> tuple[Refusal | None, int | None]:
         """Backpressure and the user's limits, in one Redis call; a slowed sender waits."""
-        admission = await job_admit(
-            user_id=self.scope["user"].id, job_id=job_id, limited=self._limited
-        )
+        admission = await job_admit(user_id=self.user.id, job_id=job_id, limited=self._limited)
         if admission.refusal is None and admission.delay:
             await asyncio.sleep(admission.delay)  # this socket waits; the event loop does not
         return admission.refusal, admission.queue_position
 
     @property
     def _limited(self) -> bool:
-        return not (settings.CHAT_LIMITS_EXEMPT_STAFF and self.scope["user"].is_staff)
+        return not (settings.CHAT_LIMITS_EXEMPT_STAFF and self.user.is_staff)
 
     async def _withdraw(self, job_id: str) -> None:
         """Give back the admitted job's place and the user's slot before answering: the
         client that sees the refusal may send again at once."""
         with contextlib.suppress(*UNAVAILABLE_ERRORS):
             await asyncio.wait_for(
-                admission_withdraw(user_id=self.scope["user"].id, job_id=job_id),
+                admission_withdraw(user_id=self.user.id, job_id=job_id),
                 REDIS_CALL_TIMEOUT,
             )
 
@@ -241,7 +247,7 @@ class ChatConsumer(ReplyRelay, AsyncJsonWebsocketConsumer):
     async def _refuse_message(self, refusal: Refusal, client_msg_id: str | None) -> None:
         # A resend of a message accepted before is answered as before, whatever the limits.
         earlier = client_msg_id and await message_find_sent(
-            conversation=self.conversation, client_msg_id=client_msg_id
+            conversation=self.followed, client_msg_id=client_msg_id
         )
         if earlier:
             return await self._send_queued(earlier, None)
@@ -262,12 +268,12 @@ class ChatConsumer(ReplyRelay, AsyncJsonWebsocketConsumer):
 
     async def _enqueue(self, sent: services.SentMessage) -> bool:
         if self.priority is None:
-            self.priority = await user_priority(user=self.scope["user"])
+            self.priority = await user_priority(user=self.user)
         job = Job(
             job_id=str(sent.reply.job_id),
             reply_id=str(sent.reply.id),
             conversation_id=str(sent.reply.conversation_id),
-            user_id=str(self.scope["user"].id),
+            user_id=str(self.user.id),
             priority=self.priority,
         )
         # Other sockets on the conversation learn of the message on the channel its reply
@@ -296,7 +302,7 @@ class ChatConsumer(ReplyRelay, AsyncJsonWebsocketConsumer):
         after = frame.get("after", 0)
         if job_id is None or not isinstance(after, int) or isinstance(after, bool) or after < 0:
             return await self._error("invalid", "resume needs a job_id and a seq 'after' >= 0.")
-        reply = await reply_for_job(job_id=job_id, conversation_id=self.conversation.id)
+        reply = await reply_for_job(job_id=job_id, conversation_id=self.followed.id)
         if reply is None:
             return await self._error("invalid", "No such reply in this conversation.")
         self._inbox_put("resume", reply, after)
@@ -306,7 +312,7 @@ class ChatConsumer(ReplyRelay, AsyncJsonWebsocketConsumer):
         if job_id is None:
             return await self._error("invalid", "cancel needs a job_id.")
         try:
-            reply = await reply_for_job(job_id=job_id, conversation_id=self.conversation.id)
+            reply = await reply_for_job(job_id=job_id, conversation_id=self.followed.id)
             if reply is None:
                 return await self._error("invalid", "No such reply in this conversation.")
             await asyncio.wait_for(services.reply_cancel(reply=reply), REDIS_CALL_TIMEOUT)

@@ -6,9 +6,11 @@ import asyncio
 import json
 import logging
 from collections import deque
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.db import DatabaseError
 from redis.exceptions import RedisError
 
@@ -24,7 +26,7 @@ UNAVAILABLE_ERRORS = (RedisError, OSError, DatabaseError, asyncio.TimeoutError)
 conversation_active_job = database_sync_to_async(services.conversation_active_job)
 
 
-def _ends_reply(frame: dict[str, Any]) -> bool:
+def _ends_reply(frame: Mapping[str, object]) -> bool:
     """Whether a frame is a reply's last: `done`, or an `error` other than `llm_unavailable`
     (the provider is down; the reply waits for it and goes on)."""
     if frame["type"] == "error":
@@ -32,10 +34,22 @@ def _ends_reply(frame: dict[str, Any]) -> bool:
     return frame["type"] == "done"
 
 
-class ReplyRelay:
-    """Mixed into the consumer: the ReplyHub hands it frames, one task sends them."""
+class ReplyRelay(AsyncJsonWebsocketConsumer):
+    """The chat consumer's base: the ReplyHub hands it frames, one task sends them."""
 
     conversation: Conversation | None
+    socket_id: str
+
+    if TYPE_CHECKING:
+        # The consumer's (consumers.py).
+        async def _error(self, code: str, message: str, **extra: Any) -> None: ...
+
+    @property
+    def followed(self) -> Conversation:
+        """The socket's conversation, once connect() has found it: the only kind of socket
+        whose frames are relayed or handled."""
+        assert self.conversation is not None
+        return self.conversation
 
     def relay_setup(self) -> None:
         self.seen_seq: dict[str, int] = {}
@@ -141,7 +155,7 @@ class ReplyRelay:
         )
 
     async def _catch_up(self) -> None:
-        active = await conversation_active_job(conversation_id=self.conversation.id)
+        active = await conversation_active_job(conversation_id=self.followed.id)
         jobs = {job for job in self.seen_seq if job not in self.finished_jobs}
         jobs.update([active] if active else [])
         for job_id in jobs - self.awaiting_resume:

@@ -9,7 +9,7 @@ from datetime import timedelta
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.db.models import Max
 from django.utils import timezone
@@ -25,14 +25,14 @@ class ConversationBusy(Exception):
 
 
 def conversation_create(
-    *, owner: AbstractBaseUser, title: str = "", system_prompt: str = "", model: str = ""
+    *, owner: User, title: str = "", system_prompt: str = "", model: str = ""
 ) -> Conversation:
     return Conversation.objects.create(
         owner=owner, title=title.strip(), system_prompt=system_prompt, model=model.strip()
     )
 
 
-def user_priority(*, user: AbstractBaseUser) -> str:
+def user_priority(*, user: User) -> str:
     """ "high" for staff and members of CHAT_PRIORITY_GROUP: their replies are read first."""
     if user.is_staff or user.groups.filter(name=settings.CHAT_PRIORITY_GROUP).exists():
         return "high"
@@ -40,7 +40,7 @@ def user_priority(*, user: AbstractBaseUser) -> str:
 
 
 def conversation_get_for_user(
-    *, conversation_id: uuid.UUID | str, user: AbstractBaseUser
+    *, conversation_id: uuid.UUID | str, user: User
 ) -> Conversation | None:
     return Conversation.objects.filter(id=conversation_id, owner=user).first()
 

@@ -9,6 +9,7 @@ import uuid
 from django import forms
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
+from django.contrib.auth.models import User
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods, require_safe
@@ -16,6 +17,12 @@ from django.views.decorators.http import require_http_methods, require_safe
 from chat.models import Conversation
 from chat.services import conversation_create
 from llmworker.providers import demo_mode_active
+
+
+class AuthenticatedHttpRequest(HttpRequest):
+    """The request a @login_required view gets: its user is signed in (for mypy only)."""
+
+    user: User
 
 
 class ConversationCreateForm(forms.Form):
@@ -36,7 +43,7 @@ class ConversationCreateForm(forms.Form):
 
 @login_required
 @require_http_methods(["GET", "HEAD", "POST"])
-def conversation_list(request: HttpRequest) -> HttpResponse:
+def conversation_list(request: AuthenticatedHttpRequest) -> HttpResponse:
     if request.method == "POST":
         form = ConversationCreateForm(request.POST)
         if form.is_valid():
@@ -58,7 +65,9 @@ def conversation_list(request: HttpRequest) -> HttpResponse:
 
 @login_required
 @require_safe
-def conversation_detail(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponse:
+def conversation_detail(
+    request: AuthenticatedHttpRequest, conversation_id: uuid.UUID
+) -> HttpResponse:
     # Filtering on the owner makes another user's conversation a 404, not a 403: whether an
     # id exists is none of their business.
     conversation = get_object_or_404(Conversation, id=conversation_id, owner=request.user)

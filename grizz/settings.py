@@ -8,9 +8,15 @@ import os
 import re
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
+import django_stubs_ext
 from django.core.exceptions import ImproperlyConfigured
+
+# Lets Django's generic classes take type parameters at run time too (ModelAdmin[Message]),
+# as they do in the type stubs that mypy checks them against.
+django_stubs_ext.monkeypatch()
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -212,7 +218,7 @@ if not re.fullmatch(r"[A-Za-z0-9_.-]+", REDIS_KEY_PREFIX):
     raise ImproperlyConfigured("REDIS_KEY_PREFIX may hold only letters, digits, '_', '.', '-'")
 REDIS_MAX_CONNECTIONS = envint("REDIS_MAX_CONNECTIONS", 50, minimum=2)
 
-CHANNEL_LAYERS = {
+CHANNEL_LAYERS: dict[str, dict[str, Any]] = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
         "CONFIG": {

@@ -147,7 +147,7 @@ class DeltaBatcher:
 
 def retry_delay(retry: int, retry_after: float | None) -> float:
     """Exponential backoff with jitter; never shorter than what the provider asked for."""
-    ceiling = min(settings.LLM_RETRY_MAX_SECONDS, settings.LLM_RETRY_BASE_SECONDS * 2**retry)
+    ceiling = min(settings.LLM_RETRY_MAX_SECONDS, settings.LLM_RETRY_BASE_SECONDS * 2.0**retry)
     jittered = ceiling / 2 + random.random() * ceiling / 2
     return max(jittered, retry_after or 0.0)
 

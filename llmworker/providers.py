@@ -9,12 +9,13 @@ from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import httpx2
 import openai
 import orjson
 from django.conf import settings
+from openai.types.chat import ChatCompletionMessageParam
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,9 @@ class OpenAIProvider:
         # with orjson about 30 (docs/performance.md).
         request = self.client.chat.completions.with_streaming_response.create(
             model=model,
-            messages=messages,  # type: ignore[arg-type]
+            # Each is a {"role", "content"} of system, user or assistant (reply_prompt in
+            # chat/services.py), whose role openai types as a Literal, not a str.
+            messages=cast(list[ChatCompletionMessageParam], messages),
             stream=True,
             stream_options={"include_usage": True},
         )

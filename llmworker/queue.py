@@ -10,14 +10,18 @@ stalled past its lease cannot acknowledge a job another worker has taken over.
 import logging
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import redis.asyncio as aioredis
 from django.conf import settings
 from redis.exceptions import ResponseError
+from redis.typing import KeyT, StreamIdT
 
 from llmworker.jobs import InvalidJob, Job
 from llmworker.redis import (
     WORKER_GROUP,
+    StreamEntries,
+    StreamsRead,
     conversation_channel,
     dead_letter_key,
     jobs_reserved_key,
@@ -114,7 +118,7 @@ async def jobs_live() -> set[str]:
     deleted, so the streams hold just the work not yet done."""
     live: set[str] = set()
     for priority in PRIORITIES:
-        entries = await redis_get().xrange(jobs_stream_key(priority))
+        entries = cast(StreamEntries, await redis_get().xrange(jobs_stream_key(priority)))
         live.update(fields.get("job_id", "") for _, fields in entries)
     return live
 
@@ -188,10 +192,13 @@ class JobQueue:
         return await self._read({stream: "0" for stream in self.streams}, count=count)
 
     async def _read(
-        self, streams: dict[str, str], *, count: int, block_ms: int | None = None
+        self, streams: dict[KeyT, StreamIdT], *, count: int, block_ms: int | None = None
     ) -> list[Delivery]:
-        reply = await self.redis.xreadgroup(
-            WORKER_GROUP, self.consumer, streams, count=count, block=block_ms
+        reply = cast(
+            StreamsRead | None,
+            await self.redis.xreadgroup(
+                WORKER_GROUP, self.consumer, streams, count=count, block=block_ms
+            ),
         )
         return [
             self._delivery(stream, entry_id, data)

@@ -7,12 +7,18 @@ client (the web process has one loop; the test suite makes a loop per test).
 import asyncio
 import random
 import weakref
+from typing import TypeAlias
 
 import redis.asyncio as aioredis
 from django.conf import settings
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+
+# A stream's entries as these clients return them. They decode replies (decode_responses),
+# which redis-py's types cannot know: there every reply is bytes or str, and may be None.
+StreamEntries: TypeAlias = list[tuple[str, dict[str, str]]]
+StreamsRead: TypeAlias = list[tuple[str, StreamEntries]]  # XREAD(GROUP): (stream, entries)
 
 _clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis]" = (
     weakref.WeakKeyDictionary()

@@ -17,13 +17,14 @@ import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import redis.asyncio as aioredis
 from django.conf import settings
 from redis.exceptions import RedisError
 
 from llmworker.redis import (
+    StreamEntries,
     cancel_channel,
     conversation_channel,
     redis_get,
@@ -199,7 +200,9 @@ async def reply_cancel_request(*, job_id: str) -> None:
 
 async def reply_replay(*, job_id: str, after: int) -> list[tuple[int, str]]:
     """The frames of a reply with seq > after, in order: (seq, JSON text) each."""
-    entries = await redis_get().xrange(reply_log_key(job_id), min=f"0-{after + 1}")
+    entries = cast(
+        StreamEntries, await redis_get().xrange(reply_log_key(job_id), min=f"0-{after + 1}")
+    )
     return [(int(entry_id.partition("-")[2]), fields["f"]) for entry_id, fields in entries]
 
 

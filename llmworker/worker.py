@@ -4,6 +4,7 @@ the reconciler, shutdown and failures; what happens to one job lives in generati
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -53,7 +54,7 @@ class Backoff:
 
     def next_delay(self) -> float:
         self.failures += 1
-        delay = min(self.most, self.first * 2 ** (self.failures - 1))
+        delay = min(self.most, self.first * 2.0 ** (self.failures - 1))
         return delay / 2 + random.random() * delay / 2
 
     def reset(self) -> None:
@@ -173,9 +174,9 @@ class Worker:
                 continue
             task = asyncio.create_task(self._run_job(delivery), name=f"job-{delivery.entry_id}")
             self.running[delivery.key] = RunningJob(delivery, task)
-            task.add_done_callback(lambda _, key=delivery.key: self._forget(key))
+            task.add_done_callback(functools.partial(self._forget, delivery.key))
 
-    def _forget(self, key: str) -> None:
+    def _forget(self, key: str, task: asyncio.Task[None]) -> None:
         self.running.pop(key, None)
 
     async def _run_job(self, delivery: Delivery) -> None:

@@ -89,7 +89,8 @@ def _redis_ensure(env: dict[str, str]) -> subprocess.Popen[bytes] | None:
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _manage(env: dict[str, str], *args: str) -> str:

@@ -7,7 +7,8 @@ own Redis key prefix, deleted at the end.
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from django.conf import settings
@@ -119,11 +120,11 @@ def worker(service_env: dict[str, str]) -> Iterator[ServiceProcess]:
 
 
 @pytest.fixture
-def start_worker(service_env: dict[str, str]) -> Iterator:
+def start_worker(service_env: dict[str, str]) -> Iterator[Callable[..., ServiceProcess]]:
     """Start more workers within one test; each is stopped at its end."""
     started: list[ServiceProcess] = []
 
-    def start(name: str, **options: object) -> ServiceProcess:
+    def start(name: str, **options: Any) -> ServiceProcess:
         process = worker_start(env=service_env, name=f"{name}-{RUN_ID}", **options)
         started.append(process)
         return process

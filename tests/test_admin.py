@@ -2,6 +2,7 @@
 
 import html
 import re
+from typing import Any
 
 import pytest
 from django.contrib.auth.models import User
@@ -37,7 +38,7 @@ def failed(conversation: Conversation, question: str, error: str) -> None:
     assert reply_fail(reply_id=sent.reply.id, attempt=start.attempt, error=error)
 
 
-def listed(client: Client, url: str, **params: str) -> list:
+def listed(client: Client, url: str, **params: str) -> list[Any]:
     """The objects a changelist shows, after its filters and search."""
     response = client.get(url, params)
     assert response.status_code == 200, response.content[:500]

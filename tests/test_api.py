@@ -4,6 +4,7 @@ import asyncio
 import time
 import uuid
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -40,14 +41,15 @@ def cancel_url(conversation_id: object, job_id: object) -> str:
     return f"/api/conversations/{conversation_id}/replies/{job_id}/cancel/"
 
 
-def bearer(access: str) -> dict[str, str]:
+def bearer(access: str) -> dict[str, Any]:
     return {"HTTP_AUTHORIZATION": f"Bearer {access}"}
 
 
 def token_pair(username: str, password: str) -> dict[str, str]:
     response = APIClient().post(TOKEN_URL, {"username": username, "password": password})
     assert response.status_code == 200, response.content
-    return response.json()
+    pair: dict[str, str] = response.json()
+    return pair
 
 
 def client_as(user) -> APIClient:
@@ -333,6 +335,7 @@ def test_it_shows_the_fields_of_each_message(alice):
     conversation = conversation_create(owner=alice, title="Fields")
     sent = message_send(conversation=conversation, content="Hello")
     start = reply_start(reply_id=sent.reply.id, default_model="test-model")
+    assert start is not None
     reply_complete(
         reply_id=sent.reply.id,
         attempt=start.attempt,
@@ -358,6 +361,7 @@ def test_it_shows_a_failed_reply_with_its_error(alice):
     conversation = conversation_create(owner=alice, title="Failing")
     sent = message_send(conversation=conversation, content="Hello")
     start = reply_start(reply_id=sent.reply.id, default_model="test-model")
+    assert start is not None
     reply_fail(reply_id=sent.reply.id, attempt=start.attempt, error="provider refused")
     answer = client_as(alice).get(messages_url(conversation.id)).json()[1]
     assert (answer["status"], answer["error"], answer["usage"]) == (
@@ -415,7 +419,7 @@ def test_it_does_not_create_messages_through_the_list(alice):
 # --- Cancelling a reply -----------------------------------------------------------------
 
 
-async def _chat_with_a_queued_reply(user) -> tuple[Conversation, ChatSocket, dict]:
+async def _chat_with_a_queued_reply(user) -> tuple[Conversation, ChatSocket, dict[str, Any]]:
     """A conversation with a socket open on it and a message sent: its job is on the queue."""
     conversation = await sync_to_async(conversation_create)(owner=user, title="To cancel")
     socket = await ChatSocket.open(conversation.id, user=user)

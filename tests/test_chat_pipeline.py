@@ -4,6 +4,7 @@ process → the loopback OpenAI-compatible server → back to every socket on th
 import asyncio
 import json
 import signal
+from typing import Any
 
 import pytest
 import websockets
@@ -24,8 +25,8 @@ async def _conversation(owner, **fields):
     return await sync_to_async(conversation_create)(owner=owner, **fields)
 
 
-async def _ws_frames_until_done(ws) -> list[dict]:
-    frames = []
+async def _ws_frames_until_done(ws) -> list[dict[str, Any]]:
+    frames: list[dict[str, Any]] = []
     while not frames or frames[-1]["type"] not in ("done", "error"):
         frames.append(json.loads(await asyncio.wait_for(ws.recv(), 15)))
     return frames

@@ -17,7 +17,8 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nothing listens there once the socket is closed
+        port: int = s.getsockname()[1]
+        return port  # nothing listens there once the socket is closed
 
 
 async def _point_database_at(port: int) -> None:

@@ -5,6 +5,7 @@ import asyncio
 import json
 import signal
 import time
+from typing import Any, cast
 
 import pytest
 import websockets
@@ -13,7 +14,13 @@ from django.conf import settings
 
 from chat.models import Message
 from chat.services import conversation_create
-from llmworker.redis import dead_letter_key, jobs_stream_key, redis_get
+from llmworker.redis import (
+    StreamEntries,
+    StreamsRead,
+    dead_letter_key,
+    jobs_stream_key,
+    redis_get,
+)
 from tests.support.fake_openai import Behaviour
 from tests.support.sockets import ChatSocket, answer_of, chat_opened, message_queued, token_for
 
@@ -31,7 +38,8 @@ def short_lease(service_env):
 
 async def _first_dead_letter() -> dict[str, str]:
     # The worker writes the dead letter just after the error frame the test waited for.
-    [(_, [(_, dead)])] = await redis_get().xread({dead_letter_key(): "0"}, count=1, block=10000)
+    read = await redis_get().xread({dead_letter_key(): "0"}, count=1, block=10000)
+    [(_, [(_, dead)])] = cast(StreamsRead, read)
     return dead
 
 
@@ -190,7 +198,7 @@ async def test_resume_after_a_dropped_connection_misses_and_repeats_nothing(
     fake_llm.default = Behaviour(tokens=TOKENS, interval=0.03)
     conversation = await sync_to_async(conversation_create)(owner=alice)
     url = f"ws://127.0.0.1:{daphne.port}/ws/chat/{conversation.id}/?token={token_for(alice)}"
-    before: list[dict] = []
+    before: list[dict[str, Any]] = []
     async with websockets.connect(url) as ws:
         await ws.recv()  # hello
         await ws.send(json.dumps({"type": "message", "content": "Go"}))
@@ -203,7 +211,7 @@ async def test_resume_after_a_dropped_connection_misses_and_repeats_nothing(
         hello = json.loads(await asyncio.wait_for(ws.recv(), 15))
         assert hello["active_job_id"] == queued["job_id"]
         await ws.send(json.dumps({"type": "resume", "job_id": queued["job_id"], "after": 5}))
-        after: list[dict] = []
+        after: list[dict[str, Any]] = []
         while not after or after[-1]["type"] != "done":
             after.append(json.loads(await asyncio.wait_for(ws.recv(), 15)))
 
@@ -395,7 +403,7 @@ async def test_a_pending_job_deleted_from_the_stream_fails_its_reply(
     await socket.receive()
     await asyncio.to_thread(first.kill)
     # The entry is trimmed away while still pending (MAXLEN, XDEL by an operator).
-    [(entry_id, _)] = await redis_get().xrange(jobs_stream_key())
+    [(entry_id, _)] = cast(StreamEntries, await redis_get().xrange(jobs_stream_key()))
     await redis_get().xdel(jobs_stream_key(), entry_id)
 
     await asyncio.to_thread(start_worker, "second")

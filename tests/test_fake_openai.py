@@ -9,14 +9,16 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.support.fake_openai import MODEL_ID, Behaviour, FakeOpenAI
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-MESSAGES = [
+MESSAGES: list[ChatCompletionMessageParam] = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Say hello please"},
 ]
@@ -35,11 +37,13 @@ def make_client(fake: FakeOpenAI, timeout: float = 10.0) -> openai.AsyncOpenAI:
 
 
 async def open_stream(
-    client: openai.AsyncOpenAI, **kwargs: object
+    client: openai.AsyncOpenAI, **kwargs: Any
 ) -> openai.AsyncStream[openai.types.chat.ChatCompletionChunk]:
-    return await client.chat.completions.create(
+    stream: openai.AsyncStream[openai.types.chat.ChatCompletionChunk]
+    stream = await client.chat.completions.create(
         model="gpt-test", messages=MESSAGES, stream=True, **kwargs
     )
+    return stream
 
 
 def content_of(chunk: openai.types.chat.ChatCompletionChunk) -> str:
@@ -183,9 +187,9 @@ async def test_unknown_path_is_a_404_json_error(fake: FakeOpenAI) -> None:
         ({"status": 99}, "status"),
     ],
 )
-def test_behaviour_rejects_nonsense(kwargs: dict[str, float], message: str) -> None:
+def test_behaviour_rejects_nonsense(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        Behaviour(**kwargs)  # type: ignore[arg-type]
+        Behaviour(**kwargs)
 
 
 # ---------------------------------------------------------------------- injected errors
@@ -323,7 +327,7 @@ async def test_two_concurrent_streams_both_complete(fake: FakeOpenAI) -> None:
     async with make_client(fake) as client:
         results = await asyncio.wait_for(asyncio.gather(consume(client), consume(client)), 5)
 
-    assert results == [" x y z", " x y z"]
+    assert list(results) == [" x y z", " x y z"]  # typeshed says a tuple
     assert fake.connection_count == 2
 
 

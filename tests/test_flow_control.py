@@ -3,6 +3,7 @@ is a typed error on a socket that stays open, and nothing is saved."""
 
 import asyncio
 import json
+from typing import Any
 
 import pytest
 import websockets
@@ -32,7 +33,7 @@ def sam(transactional_db: None) -> User:
     return User.objects.create_user("sam", password="sam-password-1", is_staff=True)
 
 
-async def _send(socket: ChatSocket, content: str = "Hi", **extra: object) -> dict:
+async def _send(socket: ChatSocket, content: str = "Hi", **extra: object) -> dict[str, Any]:
     await socket.send({"type": "message", "content": content, **extra})
     return await socket.receive()
 
@@ -200,9 +201,10 @@ async def _socket_ready(web: ServiceProcess, user: User) -> websockets.ClientCon
     return ws
 
 
-async def _answer(ws: websockets.ClientConnection, content: str) -> dict:
+async def _answer(ws: websockets.ClientConnection, content: str) -> dict[str, Any]:
     await ws.send(json.dumps({"type": "message", "content": content}))
-    return json.loads(await asyncio.wait_for(ws.recv(), 15))
+    answer: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 15))
+    return answer
 
 
 async def test_a_burst_across_web_processes_queues_exactly_the_limit(alice, bob, two_web_processes):

@@ -343,6 +343,7 @@ def test_it_accepts_the_conversation_form_with_its_csrf_token(alice):
     client = Client(enforce_csrf_checks=True)
     client.force_login(alice)
     token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', client.get("/").text)
+    assert token is not None
 
     response = client.post("/", {"title": "Genuine", "csrfmiddlewaretoken": token.group(1)})
 

@@ -6,13 +6,14 @@ whose provider sends nothing."""
 import asyncio
 import threading
 import time
+from typing import Any, cast
 
 import pytest
 from asgiref.sync import sync_to_async
 
 from chat.models import Message
 from chat.services import conversation_create
-from llmworker.redis import dead_letter_key, redis_get
+from llmworker.redis import StreamEntries, StreamsRead, dead_letter_key, redis_get
 from tests.support.fake_openai import Behaviour, FakeOpenAI
 from tests.support.sockets import ChatSocket, answer_of, chat_opened, message_queued
 
@@ -51,7 +52,7 @@ def breaker_env(service_env: dict[str, str]) -> dict[str, str]:
     return service_env
 
 
-def _notices(frames: list[dict]) -> list[dict]:
+def _notices(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [f for f in frames if f["type"] == "error" and f["code"] == "llm_unavailable"]
 
 
@@ -59,13 +60,14 @@ async def _reply(job_id: str) -> Message:
     return await Message.objects.aget(job_id=job_id)
 
 
-async def _dead_letters() -> list[dict]:
-    return [fields for _, fields in await redis_get().xrange(dead_letter_key())]
+async def _dead_letters() -> list[dict[str, str]]:
+    entries = cast(StreamEntries, await redis_get().xrange(dead_letter_key()))
+    return [fields for _, fields in entries]
 
 
-async def _dead_letters_once_written() -> list[dict]:
+async def _dead_letters_once_written() -> list[dict[str, str]]:
     # The worker dead-letters a job after sending its error frame: block until it has.
-    streams = await redis_get().xread({dead_letter_key(): "0"}, block=30_000)
+    streams = cast(StreamsRead, await redis_get().xread({dead_letter_key(): "0"}, block=30_000))
     return [fields for _, entries in streams for _, fields in entries]
 
 
@@ -223,7 +225,7 @@ def result_timeout_env(service_env: dict[str, str]) -> dict[str, str]:
     return service_env
 
 
-async def _assert_timed_out(error: dict, job_id: str) -> None:
+async def _assert_timed_out(error: dict[str, Any], job_id: str) -> None:
     assert (error["type"], error["code"], error["job_id"]) == ("error", "timeout", job_id)
     assert "sent nothing for 1 seconds" in error["message"]
     reply = await _reply(job_id)

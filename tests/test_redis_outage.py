@@ -24,11 +24,12 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 @pytest.fixture
-def private_redis(settings) -> Iterator[subprocess.Popen]:
+def private_redis(settings) -> Iterator[subprocess.Popen[bytes]]:
     port = _free_port()
     server = subprocess.Popen(
         [

@@ -3,6 +3,7 @@ publisher believes its next seq to be."""
 
 import json
 import uuid
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,7 @@ def _publisher(job_id: str) -> ReplyPublisher:
     return ReplyPublisher(job_id=job_id, conversation_id=str(uuid.uuid4()), client=redis_get())
 
 
-async def _logged(job_id: str) -> list[tuple[int, dict]]:
+async def _logged(job_id: str) -> list[tuple[int, dict[str, Any]]]:
     return [(seq, json.loads(raw)) for seq, raw in await reply_replay(job_id=job_id, after=0)]
 
 

@@ -7,6 +7,7 @@ socket is closed with 1009 and a reason, never dropped. Other sockets are served
 
 import asyncio
 import json
+from typing import Any
 
 import pytest
 import websockets
@@ -54,9 +55,10 @@ async def _socket(web, user) -> websockets.ClientConnection:
     return ws
 
 
-async def _answer(ws: websockets.ClientConnection, frame: str) -> dict:
+async def _answer(ws: websockets.ClientConnection, frame: str) -> dict[str, Any]:
     await ws.send(frame)
-    return json.loads(await asyncio.wait_for(ws.recv(), 30))
+    answer: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 30))
+    return answer
 
 
 async def _close_for(ws: websockets.ClientConnection, frame: str) -> Close | None:
@@ -66,10 +68,10 @@ async def _close_for(ws: websockets.ClientConnection, frame: str) -> Close | Non
         answer = await asyncio.wait_for(ws.recv(), 30)
     except websockets.ConnectionClosed as closed:
         return closed.rcvd
-    raise AssertionError(f"the socket stayed open and answered {answer[:200]}")
+    raise AssertionError(f"the socket stayed open and answered {answer[:200]!r}")
 
 
-async def _pong(ws: websockets.ClientConnection) -> dict:
+async def _pong(ws: websockets.ClientConnection) -> dict[str, Any]:
     return await _answer(ws, json.dumps({"type": "ping"}))
 
 

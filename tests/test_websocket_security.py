@@ -11,6 +11,7 @@ from channels.testing import WebsocketCommunicator
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
+from websockets.typing import Subprotocol
 
 from chat.models import Message
 from chat.services import conversation_create
@@ -64,7 +65,9 @@ async def test_tokens_never_reach_the_logs(alice, fake_llm, daphne, worker):
         await ws.send(json.dumps({"type": "message", "content": "Hi"}))
         while json.loads(await asyncio.wait_for(ws.recv(), 15))["type"] != "done":
             pass
-    async with websockets.connect(base, subprotocols=["grizz", f"jwt.{token}"]) as ws:
+    async with websockets.connect(
+        base, subprotocols=[Subprotocol("grizz"), Subprotocol(f"jwt.{token}")]
+    ) as ws:
         await ws.recv()
     async with websockets.connect(f"{base}?token=forged.{token[:20]}") as ws:
         await ws.wait_closed()

@@ -12,6 +12,7 @@ With one conversation, replies are short (4 tokens) so that the window holds eno
 for a p99; with more, they are 60 tokens at 20 tokens/s (3 s), and users think 0-0.5 s.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bench.analysis import Analysis, Summary
@@ -75,7 +76,7 @@ async def _grizz_phase(ctx: Context, plan: Plan) -> Phase:
     return await _phase(ctx, "Grizz", sockets, plan)
 
 
-async def _phase(ctx: Context, label: str, turners: list[Turner], plan: Plan) -> Phase:
+async def _phase(ctx: Context, label: str, turners: Sequence[Turner], plan: Plan) -> Phase:
     await ctx.quiesce(f"latency {plan.concurrency} {label}")
     async with ctx.meter() as meter:
         outcome = await run_plan(turners, plan)

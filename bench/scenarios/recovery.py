@@ -22,6 +22,7 @@ import json
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from bench.context import Context
 from bench.load import ChatClient, Turn
@@ -41,7 +42,7 @@ FIGURE = "Recovery: worker killed (kill -9) mid-reply → reply completes on ano
 class Frames:
     """Every frame a socket got, also after its turn ended (a second `done` would be one)."""
 
-    seen: list[tuple[int, dict]] = field(default_factory=list)
+    seen: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
 
 
 def _record_frames(client: ChatClient) -> Frames:
@@ -52,6 +53,7 @@ def _record_frames(client: ChatClient) -> Frames:
         frames.seen.append((t_recv, json.loads(raw)))
         on_frame(t_recv, raw)
 
+    # This one client's handler is wrapped: an instance attribute shadowing the method.
     client._on_frame = recording  # type: ignore[method-assign]
     return frames
 

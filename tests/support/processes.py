@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class ServiceProcess:
+    port: int  # daphne's, set by daphne_start
+
     def __init__(self, args: list[str], *, env: dict[str, str]) -> None:
         self.args = args
         self.process = subprocess.Popen(
@@ -84,7 +86,8 @@ class ServiceProcess:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def worker_start(
@@ -120,5 +123,5 @@ def daphne_start(*, env: dict[str, str], port: int) -> ServiceProcess:
         env=env,
     )
     process.wait_for_line(r"Listening on TCP address")
-    process.port = port  # type: ignore[attr-defined]
+    process.port = port
     return process

@@ -17,7 +17,9 @@ def token_for(user: User) -> str:
     return str(AccessToken.for_user(user))
 
 
-def session_headers(user: User, *, origin: str | None = "http://testserver") -> list:
+def session_headers(
+    user: User, *, origin: str | None = "http://testserver"
+) -> list[tuple[bytes, bytes]]:
     client = Client()
     client.force_login(user)
     headers = [
@@ -32,13 +34,17 @@ def session_headers(user: User, *, origin: str | None = "http://testserver") -> 
 class ChatSocket:
     """A socket on one conversation. `frames` keeps every frame received, in order."""
 
-    def __init__(self, path: str, *, headers: list | None = None) -> None:
+    def __init__(self, path: str, *, headers: list[tuple[bytes, bytes]] | None = None) -> None:
         self.communicator = WebsocketCommunicator(application, path, headers=headers or [])
         self.frames: list[dict[str, Any]] = []
 
     @classmethod
     async def open(
-        cls, conversation_id: object, *, user: User | None = None, headers: list | None = None
+        cls,
+        conversation_id: object,
+        *,
+        user: User | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
     ) -> "ChatSocket":
         path = f"/ws/chat/{conversation_id}/"
         if user is not None:
@@ -56,7 +62,7 @@ class ChatSocket:
         output = await self.communicator.receive_output(timeout)
         if output["type"] == "websocket.close":
             raise AssertionError(f"socket closed with {output.get('code')}")
-        frame = json.loads(output["text"])
+        frame: dict[str, Any] = json.loads(output["text"])
         self.frames.append(frame)
         return frame
 
@@ -72,7 +78,8 @@ class ChatSocket:
     async def close_code(self, timeout: float = 10) -> int:
         output = await self.communicator.receive_output(timeout)
         assert output["type"] == "websocket.close", output
-        return output.get("code", 1000)
+        code: int = output.get("code", 1000)
+        return code
 
     async def nothing_received(self) -> bool:
         return await self.communicator.receive_nothing(timeout=0.3)
