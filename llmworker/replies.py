@@ -15,13 +15,14 @@ import logging
 import math
 import random
 import time
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 import redis.asyncio as aioredis
 from django.conf import settings
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from llmworker.redis import (
     StreamEntries,
@@ -99,6 +100,78 @@ def _frame_parts(kind: str, job_id: str, **body: Any) -> tuple[str, str]:
     return head, tail
 
 
+EmitCall = tuple[list[str], list[str | int]]  # the keys and args of one EMIT_SCRIPT call
+
+
+class FrameEmitter:
+    """Sends the frames of every reply of a process to Redis, many per round trip.
+
+    Frames emitted while a batch is on its way wait and go out together in the next one, as
+    one pipeline of EVALSHA calls: a worker streaming many replies makes one socket write and
+    one read per batch instead of per frame (the write was its largest cost per token,
+    docs/performance.md). No timer: with nothing in flight a frame goes at once. A reply
+    awaits each of its frames before the next, so batching never reorders them."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.redis = client
+        self.sha = script_get(client, EMIT_SCRIPT).sha
+        self.waiting: list[tuple[EmitCall, asyncio.Future[int]]] = []
+        self.sender: asyncio.Task[None] | None = None
+
+    def emit(self, keys: list[str], args: list[str | int]) -> asyncio.Future[int]:
+        """The seq the frame got (or -1, a superseded attempt), once Redis has it."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.waiting.append(((keys, args), future))
+        if self.sender is None or self.sender.done():
+            self.sender = asyncio.create_task(self._send_waiting())
+        return future
+
+    async def _send_waiting(self) -> None:
+        while self.waiting:
+            # A frame whose reply stopped waiting for it (cancelled) is not sent.
+            batch = [(call, future) for call, future in self.waiting if not future.done()]
+            self.waiting = []
+            try:
+                results = await self._evalsha_all([call for call, _ in batch])
+            except asyncio.CancelledError:
+                for _, future in [*batch, *self.waiting]:  # nobody may wait for ever
+                    future.cancel()
+                raise
+            except Exception as error:  # Redis unreachable: every frame of the batch failed
+                results = [error] * len(batch)
+            for (_, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(int(result))
+
+    async def _evalsha_all(self, calls: list[EmitCall]) -> list[Any]:
+        results = await self._pipeline(calls)
+        if any(isinstance(result, NoScriptError) for result in results):
+            # Redis lost its script cache (a restart): none of the calls ran.
+            await self.redis.script_load(EMIT_SCRIPT)
+            results = await self._pipeline(calls)
+        return results
+
+    async def _pipeline(self, calls: list[EmitCall]) -> list[Any]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                pipe.evalsha(self.sha, len(keys), *keys, *args)
+            return await pipe.execute(raise_on_error=False)
+
+
+_emitters: "weakref.WeakKeyDictionary[aioredis.Redis, FrameEmitter]" = weakref.WeakKeyDictionary()
+
+
+def frame_emitter_get(client: aioredis.Redis) -> FrameEmitter:
+    emitter = _emitters.get(client)
+    if emitter is None:
+        emitter = _emitters[client] = FrameEmitter(client)
+    return emitter
+
+
 class ReplyPublisher:
     """Emits the frames of one reply. A worker's publisher is fenced by its attempt number;
     the web's (a queued reply cancelled before any worker took it) is not."""
@@ -117,7 +190,7 @@ class ReplyPublisher:
         self.attempt_key = reply_attempt_key(job_id)
         self.attempt = attempt
         self.redis = client
-        self.script = script_get(client, EMIT_SCRIPT)
+        self.emitter = frame_emitter_get(client)
         self.next_seq: int | None = None  # None: unknown, the script finds it
         self.log_expiry_renewed_at = -math.inf
 
@@ -139,11 +212,9 @@ class ReplyPublisher:
         fence = "" if self.attempt is None else str(self.attempt)
         expiry = ttl if ttl is not None else self._running_expiry_due()
         seq_guess, self.next_seq = self.next_seq, None  # unknown again if this call fails
-        seq = int(
-            await self.script(
-                keys=[self.log_key, self.attempt_key],
-                args=[self.channel, head, tail, expiry or "", fence, seq_guess or ""],
-            )
+        seq = await self.emitter.emit(
+            [self.log_key, self.attempt_key],
+            [self.channel, head, tail, expiry or "", fence, seq_guess or ""],
         )
         if seq < 0:
             raise StaleAttempt()

@@ -1,6 +1,7 @@
 """The replay log on the real Redis: every frame of a reply once, in seq order, whatever the
 publisher believes its next seq to be."""
 
+import asyncio
 import json
 import uuid
 from typing import Any
@@ -103,3 +104,20 @@ async def test_the_running_log_expires_and_the_final_frame_sets_the_replay_expir
 
     assert running > settings.LLM_REPLAY_TTL_SECONDS
     assert 0 < final <= settings.LLM_REPLAY_TTL_SECONDS
+
+
+async def test_many_replies_streaming_at_once_each_keep_their_order():
+    # Their frames share the process's round trips to Redis (FrameEmitter).
+    job_ids = [str(uuid.uuid4()) for _ in range(20)]
+
+    async def stream(job_id: str) -> list[int]:
+        publisher = _publisher(job_id)
+        await publisher.attempt_begin(1)
+        return [await publisher.delta(f"{job_id}:{i}") for i in range(10)]
+
+    seqs = await asyncio.gather(*(stream(job_id) for job_id in job_ids))
+
+    assert seqs == [list(range(1, 11))] * 20
+    for job_id in job_ids:
+        contents = [frame["content"] for _, frame in await _logged(job_id)]
+        assert contents == [f"{job_id}:{i}" for i in range(10)]
