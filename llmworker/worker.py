@@ -264,10 +264,13 @@ class Worker:
             live_job_ids=live, idle_seconds=settings.LLM_RECONCILE_SECONDS
         )
         for reply in orphans:
+            # The owner and priority too: the finished job must release the owner's slot.
             job = Job(
-                job_id=str(reply.job_id),
-                reply_id=str(reply.id),
-                conversation_id=str(reply.conversation_id),
+                job_id=reply.job_id,
+                reply_id=reply.reply_id,
+                conversation_id=reply.conversation_id,
+                user_id=reply.user_id,
+                priority=reply.priority,
             )
             await job_enqueue(job=job)
             logger.warning("job %s: found without a queue entry; enqueued again", job.job_id)

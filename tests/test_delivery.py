@@ -5,14 +5,17 @@ import asyncio
 import json
 import signal
 import time
+import uuid
 
 import pytest
 import websockets
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.contrib.auth.models import User
 
-from chat.models import Message
-from chat.services import conversation_create
+from chat.models import Conversation, Message
+from chat.services import SentMessage, conversation_create, message_send
+from llmworker.admission import user_admit
 from llmworker.redis import dead_letter_key, jobs_stream_key, redis_get
 from tests.support.fake_openai import Behaviour
 from tests.support.sockets import ChatSocket, answer_of, chat_opened, message_queued, token_for
@@ -33,6 +36,32 @@ async def _first_dead_letter() -> dict[str, str]:
     # The worker writes the dead letter just after the error frame the test waited for.
     [(_, [(_, dead)])] = await redis_get().xread({dead_letter_key(): "0"}, count=1, block=10000)
     return dead
+
+
+@pytest.fixture
+def root(transactional_db) -> User:
+    return User.objects.create_user("root", password="root-password-1", is_staff=True)
+
+
+@pytest.fixture
+def fast_reconciler(service_env):
+    service_env["LLM_RECONCILE_SECONDS"] = "1"
+    return service_env
+
+
+async def _sent_by_a_web_process_that_died(user: User, conversation: Conversation) -> SentMessage:
+    """What a web process leaves when it dies between the commit and the XADD: the user's
+    in-flight slot taken by admission, the rows committed, no job in Redis."""
+    job_id = str(uuid.uuid4())
+    assert await user_admit(user_id=user.id, job_id=job_id) is None
+    return await sync_to_async(message_send)(
+        conversation=conversation, content="Lost", job_id=job_id
+    )
+
+
+async def _entries_ever_added(priority: str) -> int:
+    # Acknowledged entries are deleted; XINFO still counts every entry the stream was given.
+    return (await redis_get().xinfo_stream(jobs_stream_key(priority)))["entries-added"]
 
 
 async def _replies_for(job_id: str) -> list[Message]:
@@ -405,4 +434,41 @@ async def test_a_pending_job_deleted_from_the_stream_fails_its_reply(
     [reply] = await _replies_for(queued["job_id"])
     assert reply.status == "failed"
     assert "lost by the queue" in reply.error
+    await socket.close()
+
+
+async def test_it_enqueues_a_reply_whose_web_process_died_and_frees_the_users_slot(
+    alice, fake_llm, fast_reconciler, start_worker, settings
+):
+    settings.CHAT_MAX_INFLIGHT_PER_USER = 1
+    conversation = await sync_to_async(conversation_create)(owner=alice)
+    lost = await _sent_by_a_web_process_that_died(alice, conversation)
+    socket = await chat_opened(alice, conversation.id)
+    await socket.send({"type": "message", "content": "Again?"})
+    held = await socket.receive()
+
+    await asyncio.to_thread(start_worker, "reconciling")
+    done = (await socket.receive_until("done", timeout=30))[-1]
+    again = await message_queued(socket, "Next")
+    await socket.receive_until("done", timeout=30)
+
+    assert (held["type"], held["code"]) == ("error", "rate_limited")  # the slot was held
+    assert (done["job_id"], done["status"]) == (str(lost.reply.job_id), "complete")
+    assert again["job_id"] != done["job_id"]
+    assert [await _entries_ever_added(p) for p in ("normal", "high")] == [2, 0]
+    await socket.close()
+
+
+async def test_it_enqueues_a_staff_reply_found_by_the_reconciler_on_the_high_stream(
+    root, fake_llm, fast_reconciler, start_worker
+):
+    conversation = await sync_to_async(conversation_create)(owner=root)
+    lost = await _sent_by_a_web_process_that_died(root, conversation)
+    socket = await chat_opened(root, conversation.id)
+
+    await asyncio.to_thread(start_worker, "reconciling")
+    done = (await socket.receive_until("done", timeout=30))[-1]
+
+    assert (done["job_id"], done["status"]) == (str(lost.reply.job_id), "complete")
+    assert [await _entries_ever_added(p) for p in ("normal", "high")] == [0, 1]
     await socket.close()
