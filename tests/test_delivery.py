@@ -6,6 +6,7 @@ import json
 import signal
 import time
 import uuid
+from datetime import timedelta
 
 import pytest
 import websockets
@@ -16,7 +17,7 @@ from django.contrib.auth.models import User
 from chat.models import Conversation, Message
 from chat.services import SentMessage, conversation_create, message_send
 from llmworker.admission import user_admit
-from llmworker.redis import WORKER_GROUP, jobs_stream_key, redis_get
+from llmworker.redis import WORKER_GROUP, jobs_stream_key, redis_get, reply_log_key
 from tests.support.dead_letters import dead_letters_once_written
 from tests.support.fake_openai import Behaviour
 from tests.support.processes import ServiceProcess
@@ -566,3 +567,243 @@ async def test_it_enqueues_a_staff_reply_found_by_the_reconciler_on_the_high_str
     assert (done["job_id"], done["status"]) == (str(lost.reply.job_id), "complete")
     assert [await _entries_ever_added(p) for p in ("normal", "high")] == [0, 1]
     await socket.close()
+
+
+# Which provider errors are retried
+
+
+async def test_it_retries_timeouts_conflicts_rate_limits_and_server_errors(alice, fake_llm, worker):
+    statuses = [408, 409, 429, 500, 503]
+    socket = await chat_opened(alice)
+
+    answers = []
+    for status in statuses:
+        fake_llm.enqueue(Behaviour(status=status), Behaviour(reply=f"After {status}."))
+        queued = await message_queued(socket, f"Try {status}")
+        frames = await socket.receive_until("done", timeout=30)
+        answers.append(answer_of(frames, queued["job_id"]))
+
+    assert answers == [f"After {status}." for status in statuses]
+    assert not any(f["type"] == "error" for f in socket.frames)
+    assert len(fake_llm.requests) == 2 * len(statuses)
+    await socket.close()
+
+
+async def test_it_does_not_retry_refused_credentials_permissions_or_unknown_models(
+    alice, fake_llm, worker
+):
+    statuses = [401, 403, 404]
+    socket = await chat_opened(alice)
+
+    errors, job_ids = [], []
+    for status in statuses:
+        fake_llm.enqueue(Behaviour(status=status, error_message=f"Refused with {status}"))
+        job_ids.append((await message_queued(socket, f"Try {status}"))["job_id"])
+        errors.append((await socket.receive_until("error", timeout=30))[-1])
+    dead = await dead_letters_once_written(len(statuses))
+
+    assert [e["code"] for e in errors] == ["llm_error"] * len(statuses)
+    assert [e["job_id"] for e in errors] == job_ids
+    for status, error in zip(statuses, errors, strict=True):
+        assert f"({status}): Refused with {status}" in error["message"]
+    assert len(fake_llm.requests) == len(statuses)
+    assert [d["job_id"] for d in dead] == job_ids
+    await socket.close()
+
+
+async def test_exhausted_retries_end_in_the_dead_letters_and_leave_the_queue(
+    alice, fake_llm, service_env, start_worker
+):
+    service_env["LLM_RETRY_LIMIT"] = "2"
+    fake_llm.default = Behaviour(status=503, error_message="Down for maintenance")
+    await asyncio.to_thread(start_worker, "retrying")
+    socket = await chat_opened(alice)
+    queued = await message_queued(socket)
+
+    frames = await socket.receive_until("error", timeout=30)
+    [dead] = await dead_letters_once_written()
+
+    assert [f["type"] for f in frames] == ["error"]  # the retries were not shown
+    assert (frames[0]["code"], frames[0]["job_id"]) == ("llm_error", queued["job_id"])
+    assert "Down for maintenance" in frames[0]["message"]
+    assert len(fake_llm.requests) == 3
+    [reply] = await _replies_for(queued["job_id"])
+    assert (reply.status, reply.error) == ("failed", frames[0]["message"])
+    assert (dead["job_id"], dead["reason"], dead["attempts"]) == (
+        queued["job_id"],
+        frames[0]["message"],
+        "1",
+    )
+    # Acknowledged with the dead letter: nothing is left for a worker to take over.
+    assert await redis_get().xlen(jobs_stream_key()) == 0
+    assert (await redis_get().xpending(jobs_stream_key(), WORKER_GROUP))["pending"] == 0
+    await socket.close()
+
+
+# Restarts and the reconciler
+
+
+async def test_a_worker_restarted_under_its_name_resumes_its_jobs_at_once(
+    alice, fake_llm, service_env, start_worker
+):
+    # A lease far longer than the wait below: no takeover could bring the job back in time.
+    service_env["LLM_JOB_LEASE_SECONDS"] = "60"
+    fake_llm.enqueue(Behaviour(tokens=TOKENS, hold_after=3))
+    fake_llm.default = Behaviour(tokens=TOKENS)
+    first = await asyncio.to_thread(start_worker, "steady")
+    socket = await chat_opened(alice)
+    queued = await message_queued(socket)
+    await socket.receive()  # text is streaming
+
+    await asyncio.to_thread(first.kill)
+    again = await asyncio.to_thread(start_worker, "steady")
+    frames = await socket.receive_until("done", timeout=20)
+
+    assert "restart" in [f["type"] for f in frames]
+    assert answer_of(socket.frames, queued["job_id"]) == frames[-1]["content"] == ANSWER
+    [reply] = await _replies_for(queued["job_id"])
+    assert (reply.status, reply.attempt) == ("complete", 2)
+    assert "took over" not in again.output
+    await socket.close()
+
+
+async def test_the_reconciler_restarts_a_reply_that_was_streaming(
+    alice, fake_llm, fast_reconciler, start_worker
+):
+    fake_llm.enqueue(Behaviour(tokens=TOKENS, hold_after=3))
+    fake_llm.default = Behaviour(tokens=TOKENS)
+    first = await asyncio.to_thread(start_worker, "first")
+    socket = await chat_opened(alice)
+    queued = await message_queued(socket)
+    await socket.receive()  # text is streaming
+    await asyncio.to_thread(first.kill)
+    # Redis loses the job stream (and its group) while PostgreSQL has the reply streaming.
+    await redis_get().delete(jobs_stream_key())
+    [streaming] = await _replies_for(queued["job_id"])
+
+    second = await asyncio.to_thread(start_worker, "second")
+    frames = await socket.receive_until("done", timeout=30)
+
+    assert streaming.status == "streaming"
+    assert "restart" in [f["type"] for f in frames]
+    assert answer_of(socket.frames, queued["job_id"]) == frames[-1]["content"] == ANSWER
+    [reply] = await _replies_for(queued["job_id"])
+    assert (reply.status, reply.attempt) == ("complete", 2)
+    assert f"job {queued['job_id']}: found without a queue entry" in second.output
+    await socket.close()
+
+
+async def test_one_worker_at_a_time_reconciles(alice, fake_llm, fast_reconciler, start_worker):
+    conversation = await sync_to_async(conversation_create)(owner=alice)
+    lost = await _sent_by_a_web_process_that_died(alice, conversation)
+    # Long orphaned already: each worker's first reconciliation finds it.
+    await Message.objects.filter(id=lost.reply.id).aupdate(
+        updated_at=lost.reply.updated_at - timedelta(minutes=1)
+    )
+    socket = await chat_opened(alice, conversation.id)
+    fast_reconciler["GRIZZ_FAULTS"] = "reconcile:stop"
+    workers = [await asyncio.to_thread(start_worker, name) for name in ("one", "two")]
+    for worker in workers:
+        await asyncio.to_thread(worker.wait_for_line, "fault: stopped at reconcile")
+
+    # Both go on at the same moment into their reconciliation: only the lock keeps the
+    # second from finding the reply still orphaned and enqueueing it too.
+    for worker in workers:
+        worker.send_signal(signal.SIGCONT)
+    done = (await socket.receive_until("done", timeout=30))[-1]
+
+    assert (done["job_id"], done["status"]) == (str(lost.reply.job_id), "complete")
+    assert sum(w.output.count("found without a queue entry") for w in workers) == 1
+    assert await _entries_ever_added("normal") == 1
+    assert len(fake_llm.requests) == 1
+    await socket.close()
+
+
+# Cancel
+
+
+async def test_it_cancels_from_a_second_socket_and_every_socket_gets_done(alice, fake_llm, worker):
+    fake_llm.default = Behaviour(tokens=TOKENS, hold_after=3)
+    conversation = await sync_to_async(conversation_create)(owner=alice)
+    sending = await chat_opened(alice, conversation.id)
+    watching = await chat_opened(alice, conversation.id)
+    queued = await message_queued(sending)
+    while answer_of(sending.frames, queued["job_id"]) != "".join(TOKENS[:3]):
+        await sending.receive()
+
+    await watching.send({"type": "cancel", "job_id": queued["job_id"]})
+    dones = [(await s.receive_until("done"))[-1] for s in (sending, watching)]
+
+    for done in dones:
+        assert (done["job_id"], done["status"], done["content"]) == (
+            queued["job_id"],
+            "cancelled",
+            "".join(TOKENS[:3]),
+        )
+    [reply] = await _replies_for(queued["job_id"])
+    assert (reply.status, reply.content) == ("cancelled", "".join(TOKENS[:3]))
+    for socket in (sending, watching):
+        await socket.close()
+
+
+async def test_cancelling_a_finished_reply_says_it_has_finished(alice, fake_llm, worker):
+    socket = await chat_opened(alice)
+    queued = await message_queued(socket)
+    done = (await socket.receive_until("done"))[-1]
+
+    await socket.send({"type": "cancel", "job_id": queued["job_id"]})
+    answer = await socket.receive()
+
+    assert answer == {
+        "type": "error",
+        "code": "finished",
+        "message": "The reply has already finished.",
+        "job_id": queued["job_id"],
+        "status": "complete",
+    }
+    [reply] = await _replies_for(queued["job_id"])
+    assert (reply.status, reply.content) == ("complete", done["content"])
+    await socket.close()
+
+
+# Resume of finished replies
+
+
+async def _resumed_from_the_start(conversation_id: object, user: User, job_id: str) -> dict:
+    """What a new socket gets for a finished reply it resumes from seq 0: its final frame."""
+    socket = await ChatSocket.open(conversation_id, user=user)
+    await socket.receive()  # hello
+    await socket.send({"type": "resume", "job_id": job_id, "after": 0})
+    final = await socket.receive()
+    await socket.close()
+    return final
+
+
+async def test_resuming_a_failed_reply_returns_its_error(alice, fake_llm, worker):
+    fake_llm.enqueue(Behaviour(status=400, error_message="Bad prompt"))
+    conversation = await sync_to_async(conversation_create)(owner=alice)
+    socket = await chat_opened(alice, conversation.id)
+    queued = await message_queued(socket)
+    error = (await socket.receive_until("error"))[-1]
+    await socket.close()
+
+    from_log = await _resumed_from_the_start(conversation.id, alice, queued["job_id"])
+    await redis_get().delete(reply_log_key(queued["job_id"]))  # the replay log expires
+    from_database = await _resumed_from_the_start(conversation.id, alice, queued["job_id"])
+
+    assert from_log == error
+    assert from_database == {k: v for k, v in error.items() if k != "seq"}
+
+
+async def test_resuming_after_the_replay_log_expired_returns_the_answer(alice, fake_llm, worker):
+    conversation = await sync_to_async(conversation_create)(owner=alice)
+    socket = await chat_opened(alice, conversation.id)
+    queued = await message_queued(socket)
+    done = (await socket.receive_until("done"))[-1]
+    await socket.close()
+
+    await redis_get().delete(reply_log_key(queued["job_id"]))  # the replay log expires
+    from_database = await _resumed_from_the_start(conversation.id, alice, queued["job_id"])
+
+    assert from_database == {k: v for k, v in done.items() if k != "seq"}
+    assert from_database["content"] == "Hello from the fake model."

@@ -13,6 +13,7 @@ from asgiref.sync import sync_to_async
 from chat.models import Message
 from chat.services import conversation_create
 from llmworker.redis import dead_letter_key, redis_get
+from tests.support.dead_letters import dead_letters_once_written
 from tests.support.fake_openai import Behaviour, FakeOpenAI
 from tests.support.sockets import ChatSocket, answer_of, chat_opened, message_queued
 
@@ -61,12 +62,6 @@ async def _reply(job_id: str) -> Message:
 
 async def _dead_letters() -> list[dict]:
     return [fields for _, fields in await redis_get().xrange(dead_letter_key())]
-
-
-async def _dead_letters_once_written() -> list[dict]:
-    # The worker dead-letters a job after sending its error frame: block until it has.
-    streams = await redis_get().xread({dead_letter_key(): "0"}, block=30_000)
-    return [fields for _, entries in streams for _, fields in entries]
 
 
 # The circuit breaker
@@ -228,7 +223,7 @@ async def _assert_timed_out(error: dict, job_id: str) -> None:
     assert "sent nothing for 1 seconds" in error["message"]
     reply = await _reply(job_id)
     assert (reply.status, reply.error) == ("failed", error["message"])
-    [dead] = await _dead_letters_once_written()
+    [dead] = await dead_letters_once_written()
     assert (dead["job_id"], dead["reason"]) == (job_id, error["message"])
 
 
