@@ -40,11 +40,11 @@ class StampedModel(fake.FakeOpenAI):
             message = "The bench model answers streamed chat requests only."
             await conn.write(fake._error_response(400, message, keep_alive=request.keep_alive))
             return request.keep_alive
-        _, call = self._admit(body)  # FakeOpenAI's counters; its behaviour is not used
+        _, call, generation = self._admit(body)  # FakeOpenAI's counters; not its behaviour
         try:
             return await self._stream(conn, call, self._shape_of(body), arrival_ns, request)
         finally:
-            self._finish(None)
+            self._finish(generation, None)
 
     def _shape_of(self, body: dict[str, Any]) -> ReplyShape:
         messages = body.get("messages") or []

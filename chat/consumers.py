@@ -13,7 +13,7 @@ from django.conf import settings
 from django.contrib.auth.models import User
 
 from chat import services
-from chat.models import Conversation
+from chat.models import Conversation, Message
 from chat.relay import UNAVAILABLE_ERRORS, ReplyRelay, conversation_active_job
 from llmworker.admission import Refusal, admission_withdraw, job_admit
 from llmworker.jobs import Job
@@ -315,6 +315,14 @@ class ChatConsumer(ReplyRelay):
             reply = await reply_for_job(job_id=job_id, conversation_id=self.followed.id)
             if reply is None:
                 return await self._error("invalid", "No such reply in this conversation.")
+            if reply.status not in Message.ACTIVE_STATUSES:
+                # Said, not ignored: the client learns why its cancel changed nothing.
+                return await self._error(
+                    "finished",
+                    "The reply has already finished.",
+                    job_id=str(job_id),
+                    status=reply.status,
+                )
             await asyncio.wait_for(services.reply_cancel(reply=reply), REDIS_CALL_TIMEOUT)
         except UNAVAILABLE_ERRORS:
             logger.exception("cancel of job %s failed", job_id)

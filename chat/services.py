@@ -276,7 +276,19 @@ def replies_fail_for_entries(*, entry_ids: list[str], error: str) -> list[Messag
     return replies
 
 
-def replies_orphaned(*, live_job_ids: set[str], idle_seconds: float) -> list[Message]:
+@dataclass(frozen=True)
+class OrphanedReply:
+    """What a job needs to be enqueued again: its reply, and whose slot it holds at what
+    priority (the conversation's owner), as the web process would have enqueued it."""
+
+    job_id: str
+    reply_id: str
+    conversation_id: str
+    user_id: str
+    priority: str
+
+
+def replies_orphaned(*, live_job_ids: set[str], idle_seconds: float) -> list[OrphanedReply]:
     """Replies still queued or streaming in PostgreSQL whose job is nowhere in Redis (lost
     with Redis's data, or never enqueued because a web process died after the commit)."""
     quiet_since = timezone.now() - timedelta(seconds=idle_seconds)
@@ -284,8 +296,20 @@ def replies_orphaned(*, live_job_ids: set[str], idle_seconds: float) -> list[Mes
         role=Message.Role.ASSISTANT,
         status__in=Message.ACTIVE_STATUSES,
         updated_at__lt=quiet_since,
-    ).only("id", "job_id", "conversation_id")
-    return [reply for reply in candidates if str(reply.job_id) not in live_job_ids]
+    ).values_list("id", "job_id", "conversation_id", "conversation__owner_id")
+    orphans = [row for row in candidates if str(row[1]) not in live_job_ids]
+    owners = User.objects.filter(pk__in={row[3] for row in orphans})
+    priorities = {owner.pk: user_priority(user=owner) for owner in owners}
+    return [
+        OrphanedReply(
+            job_id=str(job_id),
+            reply_id=str(reply_id),
+            conversation_id=str(conversation_id),
+            user_id=str(owner_id),
+            priority=priorities[owner_id],
+        )
+        for reply_id, job_id, conversation_id, owner_id in orphans
+    ]
 
 
 async def reply_cancel(*, reply: Message) -> None:

@@ -23,6 +23,7 @@ from chat import services as chat_services
 from chat.services import ReplyStart
 from llmworker.admission import user_release
 from llmworker.breaker import CircuitBreaker, Permit, breaker_for
+from llmworker.faults import fault_point
 from llmworker.jobs import Job
 from llmworker.providers import Chunk, Provider, ProviderError, model_default
 from llmworker.replies import ReplyPublisher, StaleAttempt
@@ -206,6 +207,7 @@ class ReplyGeneration:
         except ResultTimeout as timeout:
             return await self._fail(start, timeout.message, code="timeout")
         content = "".join(self.parts)
+        fault_point("before_reply_complete")
         if not await reply_complete(
             reply_id=self.job.reply_id, attempt=start.attempt, content=content, usage=self.usage
         ):

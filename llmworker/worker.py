@@ -208,8 +208,12 @@ class Worker:
         assert delivery.job is not None
         if result.outcome is Outcome.ACK:
             fault_point("after_commit_before_ack")
-            await self.queue.ack(delivery)
-            if result.reason:
+            if not await self.queue.ack(delivery):
+                # Stalled past the lease: the entry is another worker's now, which settles it.
+                logger.warning(
+                    "job %s: taken over meanwhile; not acknowledged", delivery.job.job_id
+                )
+            elif result.reason:
                 logger.info("job %s: acknowledged (%s)", delivery.job.job_id, result.reason)
         elif result.outcome is Outcome.DEAD_LETTER:
             await self.queue.dead_letter(delivery, reason=result.reason, attempts=result.attempts)
@@ -257,6 +261,7 @@ class Worker:
         """Put back on the queue the replies PostgreSQL has as unfinished but Redis has no
         job for. One worker at a time does it; a job enqueued twice is harmless (the second
         delivery finds the reply finished)."""
+        fault_point("reconcile")
         lock_ms = int(settings.LLM_RECONCILE_SECONDS * 900)
         if not await redis_get().set(reconciler_lock_key(), self.name, nx=True, px=lock_ms):
             return
@@ -265,10 +270,13 @@ class Worker:
             live_job_ids=live, idle_seconds=settings.LLM_RECONCILE_SECONDS
         )
         for reply in orphans:
+            # The owner and priority too: the finished job must release the owner's slot.
             job = Job(
-                job_id=str(reply.job_id),
-                reply_id=str(reply.id),
-                conversation_id=str(reply.conversation_id),
+                job_id=reply.job_id,
+                reply_id=reply.reply_id,
+                conversation_id=reply.conversation_id,
+                user_id=reply.user_id,
+                priority=reply.priority,
             )
             await job_enqueue(job=job)
             logger.warning("job %s: found without a queue entry; enqueued again", job.job_id)

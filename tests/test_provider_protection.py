@@ -13,7 +13,8 @@ from asgiref.sync import sync_to_async
 
 from chat.models import Message
 from chat.services import conversation_create
-from llmworker.redis import StreamEntries, StreamsRead, dead_letter_key, redis_get
+from llmworker.redis import StreamEntries, dead_letter_key, redis_get
+from tests.support.dead_letters import dead_letters_once_written
 from tests.support.fake_openai import Behaviour, FakeOpenAI
 from tests.support.sockets import ChatSocket, answer_of, chat_opened, message_queued
 
@@ -63,12 +64,6 @@ async def _reply(job_id: str) -> Message:
 async def _dead_letters() -> list[dict[str, str]]:
     entries = cast(StreamEntries, await redis_get().xrange(dead_letter_key()))
     return [fields for _, fields in entries]
-
-
-async def _dead_letters_once_written() -> list[dict[str, str]]:
-    # The worker dead-letters a job after sending its error frame: block until it has.
-    streams = cast(StreamsRead, await redis_get().xread({dead_letter_key(): "0"}, block=30_000))
-    return [fields for _, entries in streams for _, fields in entries]
 
 
 # The circuit breaker
@@ -230,7 +225,7 @@ async def _assert_timed_out(error: dict[str, Any], job_id: str) -> None:
     assert "sent nothing for 1 seconds" in error["message"]
     reply = await _reply(job_id)
     assert (reply.status, reply.error) == ("failed", error["message"])
-    [dead] = await _dead_letters_once_written()
+    [dead] = await dead_letters_once_written()
     assert (dead["job_id"], dead["reason"]) == (job_id, error["message"])
 
 
