@@ -154,6 +154,56 @@ async def test_reset_drops_the_script(fake: FakeOpenAI) -> None:
 
 
 @pytest.mark.asyncio
+async def test_reset_forgets_a_stream_still_running(fake: FakeOpenAI) -> None:
+    fake.enqueue(Behaviour(tokens=[" a", " b"], hold_after=1))
+    async with make_client(fake) as client:
+        stream = await open_stream(client)
+        chunks = aiter(stream)
+        while content_of(await anext(chunks)) != " a":
+            pass
+        active_before = fake.active_streams
+        await asyncio.to_thread(fake.reset)  # also lets the held stream go on
+        active_after = fake.active_streams
+        rest = "".join([content_of(chunk) async for chunk in chunks])
+
+    assert (active_before, active_after, rest) == (1, 0, " b")
+    # Its end is not subtracted from the next test's count.
+    assert fake.active_streams == 0
+
+
+@pytest.mark.asyncio
+async def test_hold_after_waits_for_release(fake: FakeOpenAI) -> None:
+    fake.enqueue(Behaviour(tokens=[" a", " b", " c"], hold_after=1))
+    async with make_client(fake) as client:
+        stream = await open_stream(client)
+        chunks = aiter(stream)
+        while content_of(await anext(chunks)) != " a":
+            pass
+        # A whole other answer comes and goes meanwhile; the held one stays open.
+        other = await collect_text(client)
+        held = fake.active_streams
+        await asyncio.to_thread(fake.release)
+        rest = "".join([content_of(chunk) async for chunk in chunks])
+
+    assert (other, held, rest) == (Behaviour().reply, 1, " b c")
+
+
+@pytest.mark.asyncio
+async def test_arrivals_are_taken_by_the_server(fake: FakeOpenAI) -> None:
+    async with make_client(fake) as client:
+        sent_at = time.monotonic()
+        await collect_text(client)
+        between = time.monotonic()
+        await collect_text(client)
+        answered_at = time.monotonic()
+
+    first, second = fake.arrivals
+    assert sent_at <= first <= between <= second <= answered_at
+    fake.reset()
+    assert fake.arrivals == []
+
+
+@pytest.mark.asyncio
 async def test_lists_the_fake_model(fake: FakeOpenAI) -> None:
     async with make_client(fake) as client:
         models = await client.models.list()

@@ -62,13 +62,14 @@ class Behaviour:
     hang: bool = False  # accept the request, never answer, until the client leaves
     hang_after: int | None = None  # send N tokens, then stall with the connection open
     cut_after: int | None = None  # send N tokens, then drop the connection mid-body
+    hold_after: int | None = None  # send N tokens, then wait for ``FakeOpenAI.release()``
     usage: bool = True  # report usage (streams only when ``include_usage`` is asked)
 
     def __post_init__(self) -> None:
         # Reject nonsense at construction, where the mistake is, not mid-test.
         if self.hang_after is not None and self.cut_after is not None:
             raise ValueError("hang_after and cut_after are mutually exclusive")
-        for name in ("hang_after", "cut_after", "ttft", "interval"):
+        for name in ("hang_after", "cut_after", "hold_after", "ttft", "interval"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must not be negative, got {value!r}")
@@ -106,14 +107,18 @@ class FakeOpenAI:
         self._script: deque[Behaviour] = deque()
         self._requests: deque[dict[str, Any]] = deque(maxlen=max_history)
         self._request_count = 0
+        self._arrivals: list[float] = []
         self._disconnects: list[float] = []
         self._active = 0
+        # Bumped by reset(): a response still running from before it no longer counts.
+        self._generation = 0
         self._connection_count = 0
         self._completion_ids = itertools.count(1)
         # Owned by the server's event loop.
         self._port: int | None = None
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[Any]] = set()
+        self._released: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -178,6 +183,7 @@ class FakeOpenAI:
             self._on_connection, self._host, self._requested_port
         )
         self._port = self._server.sockets[0].getsockname()[1]
+        self._released = asyncio.Event()
 
     async def _close(self) -> None:
         if self._server is not None:
@@ -234,6 +240,38 @@ class FakeOpenAI:
             return list(self._requests)
 
     @property
+    def arrivals(self) -> list[float]:
+        """``time.monotonic()`` at which each chat request was received, oldest first: taken
+        by the server as it reads the request, not when a waiting test thread wakes up."""
+        with self._state:
+            return list(self._arrivals)
+
+    def release(self) -> None:
+        """Let every response held by ``hold_after`` (and every later one) go on."""
+        self._on_loop(self._release_holds)
+
+    def _release_holds(self) -> None:
+        assert self._released is not None
+        self._released.set()
+
+    def _rearm_holds(self) -> None:
+        # Responses held before a reset go on; later ones hold until the next release().
+        assert self._released is not None
+        self._released.set()
+        self._released = asyncio.Event()
+
+    def _on_loop(self, callback: Any) -> None:
+        """Run a callback on the server's loop and wait for it: the change is in place
+        before the caller sends its next request."""
+        if self._loop is None:
+            raise RuntimeError("FakeOpenAI is not started")
+
+        async def run() -> None:
+            callback()
+
+        asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout=10)
+
+    @property
     def disconnects(self) -> list[float]:
         """``time.monotonic()`` of each client that left while its answer was in progress."""
         with self._state:
@@ -261,30 +299,39 @@ class FakeOpenAI:
             return self._connection_count
 
     def reset(self) -> None:
-        """Forget the script, the recorded requests, disconnects and connection count."""
+        """Forget the script, the recorded requests, arrivals, disconnects, active streams
+        and connection count; responses held from before go on, later ones hold again."""
         with self._state:
             self._script.clear()
             self._requests.clear()
             self._request_count = 0
+            self._arrivals.clear()
             self._disconnects.clear()
+            self._active = 0
+            self._generation += 1
             self._connection_count = 0
+        if self._loop is not None:
+            self._on_loop(self._rearm_holds)
 
     # ------------------------------------------------------------------ bookkeeping
 
-    def _admit(self, body: dict[str, Any]) -> tuple[Behaviour, _ChatCall]:
+    def _admit(self, body: dict[str, Any]) -> tuple[Behaviour, _ChatCall, int]:
         """Record a chat request and pick the behaviour that answers it."""
         with self._state:
             self._requests.append(body)
             self._request_count += 1
+            self._arrivals.append(time.monotonic())
             behaviour = self._script.popleft() if self._script else self._default
             completion_id = f"chatcmpl-fake-{next(self._completion_ids)}"
             self._active += 1
             self._state.notify_all()
-        return behaviour, _ChatCall.from_body(body, completion_id)
+        return behaviour, _ChatCall.from_body(body, completion_id), self._generation
 
-    def _finish(self, gone_at: float | None) -> None:
+    def _finish(self, generation: int, gone_at: float | None) -> None:
         # One lock for both updates: whoever sees the disconnect also sees the stream ended.
         with self._state:
+            if generation != self._generation:
+                return  # counted before the last reset(), which forgot it
             self._active -= 1
             if gone_at is not None:
                 self._disconnects.append(gone_at)
@@ -352,8 +399,9 @@ class FakeOpenAI:
             message = "The request body is not a JSON object."
             await conn.write(_error_response(400, message, keep_alive=request.keep_alive))
             return request.keep_alive
-        behaviour, call = self._admit(body)
-        exchange = _Exchange(conn)
+        behaviour, call, generation = self._admit(body)
+        assert self._released is not None
+        exchange = _Exchange(conn, self._released)
         gone_at: float | None = None
         try:
             return await _respond(exchange, call, behaviour, request.keep_alive)
@@ -362,7 +410,7 @@ class FakeOpenAI:
             return False
         finally:
             await exchange.aclose()
-            self._finish(gone_at)
+            self._finish(generation, gone_at)
 
 
 # ---------------------------------------------------------------------- connection I/O
@@ -457,8 +505,9 @@ class _Exchange:
     server sleeps or stalls is noticed at once, not at the next (failing) write.
     """
 
-    def __init__(self, conn: _Connection) -> None:
+    def __init__(self, conn: _Connection, released: asyncio.Event) -> None:
         self._conn = conn
+        self._released = released
         self._watch = asyncio.create_task(conn.wait_until_closed())
 
     async def send(self, data: bytes) -> None:
@@ -475,6 +524,16 @@ class _Exchange:
         """Answer nothing more, until the client gives up."""
         await asyncio.wait({self._watch})
         raise _ClientGone
+
+    async def hold(self) -> None:
+        """Wait for ``FakeOpenAI.release()``; raise ``_ClientGone`` if the client leaves first."""
+        released = asyncio.create_task(self._released.wait())
+        try:
+            await asyncio.wait({self._watch, released}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            released.cancel()
+        if self._watch.done():
+            raise _ClientGone
 
     def abort(self) -> None:
         self._conn.abort()
@@ -743,9 +802,13 @@ async def _answer_stream(
     await exchange.pause(behaviour.ttft)
     stop_at = behaviour.cut_after if behaviour.cut_after is not None else behaviour.hang_after
     for index, token in enumerate(tokens[:stop_at]):
+        if index == behaviour.hold_after:
+            await exchange.hold()
         if index:
             await exchange.pause(behaviour.interval)
         await exchange.send(_sse_frame(call.chunk({"content": token})))
+    if behaviour.hold_after is not None and behaviour.hold_after >= len(tokens[:stop_at]):
+        await exchange.hold()
     if behaviour.cut_after is not None:
         exchange.abort()
         return False
