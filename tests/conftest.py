@@ -6,7 +6,6 @@ own Redis key prefix, deleted at the end.
 """
 
 import os
-import socket
 import uuid
 from collections.abc import Iterator
 
@@ -14,8 +13,10 @@ import pytest
 from django.conf import settings
 from django.contrib.auth.models import User
 
+from chat.models import Conversation
+from chat.services import conversation_create
 from tests.support.fake_openai import Behaviour, FakeOpenAI
-from tests.support.processes import ServiceProcess, daphne_start, worker_start
+from tests.support.processes import ServiceProcess, daphne_start, free_port, worker_start
 
 RUN_ID = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
@@ -91,11 +92,26 @@ def _database_url() -> str:
     return f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
 
 
+# What a Python process needs of this one's environment; nothing that configures Grizz.
+# (PG*: how libpq reaches the test database, e.g. PGPASSWORD, as it does for pytest.)
+_PASSED_ENV = {"PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "TZ", "VIRTUAL_ENV"}
+_PASSED_ENV_PREFIXES = ("PYTHON", "PG")
+
+
+def _process_basics() -> dict[str, str]:
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if name in _PASSED_ENV or name.startswith(_PASSED_ENV_PREFIXES)
+    }
+
+
 @pytest.fixture
 def service_env(fake_llm: FakeOpenAI, transactional_db: None) -> dict[str, str]:
-    """The environment of a Grizz process that shares this test's database and Redis."""
+    """The environment of a Grizz process that shares this test's database and Redis: the
+    test's settings only, whatever the developer's shell exports."""
     return {
-        **os.environ,
+        **_process_basics(),
         "DATABASE_URL": _database_url(),
         "REDIS_URL": settings.REDIS_URL,
         "REDIS_KEY_PREFIX": settings.REDIS_KEY_PREFIX,
@@ -137,16 +153,10 @@ def start_worker(service_env: dict[str, str]) -> Iterator:
 
 @pytest.fixture
 def daphne(service_env: dict[str, str]) -> Iterator[ServiceProcess]:
-    process = daphne_start(env=service_env, port=_free_port())
+    process = daphne_start(env=service_env, port=free_port())
     yield process
     process.stop()
     print(f"--- daphne output ---\n{process.output}")  # shown on failure
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -157,3 +167,9 @@ def alice(transactional_db: None) -> User:
 @pytest.fixture
 def bob(transactional_db: None) -> User:
     return User.objects.create_user("bob", password="bob-password-1")
+
+
+@pytest.fixture
+def conversation(alice: User) -> Conversation:
+    """A conversation of alice's, with no message yet."""
+    return conversation_create(owner=alice, title="Alice's chat")

@@ -3,7 +3,6 @@ sending works again once Redis is back, with nothing restarted. A private redis-
 the part, so that stopping it disturbs nobody else's Redis."""
 
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,20 +15,15 @@ from chat.models import Message
 from chat.services import conversation_create
 from llmworker import redis as grizz_redis
 from llmworker import replies
+from tests.support.processes import free_port
 from tests.support.sockets import ChatSocket
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def private_redis(settings) -> Iterator[subprocess.Popen]:
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [
             "redis-server",

@@ -23,11 +23,6 @@ pytestmark = [pytest.mark.django_db(transaction=True)]
 KNOWN_ERROR_CODES = {"invalid", "too_long"}
 
 
-@pytest.fixture
-def conversation(alice):
-    return conversation_create(owner=alice)
-
-
 @pytest.mark.asyncio
 async def test_it_takes_the_token_as_a_subprotocol(alice, conversation):
     communicator = WebsocketCommunicator(

@@ -35,6 +35,7 @@ class ChatSocket:
     def __init__(self, path: str, *, headers: list | None = None) -> None:
         self.communicator = WebsocketCommunicator(application, path, headers=headers or [])
         self.frames: list[dict[str, Any]] = []
+        self.conversation_id: object = None  # set by open()
 
     @classmethod
     async def open(
@@ -44,6 +45,7 @@ class ChatSocket:
         if user is not None:
             path += f"?token={token_for(user)}"
         socket = cls(path, headers=headers)
+        socket.conversation_id = conversation_id
         connected, _ = await socket.communicator.connect(timeout=10)
         assert connected
         return socket
