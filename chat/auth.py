@@ -8,13 +8,19 @@ otherwise open a socket as the signed-in user (cross-site WebSocket hijacking).
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from channels.auth import AuthMiddleware
 from channels.db import database_sync_to_async
 from channels.middleware import BaseMiddleware
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
+from django.db import DatabaseError
 from django.http.request import validate_host
 from rest_framework_simplejwt.authentication import JWTAuthentication
 from rest_framework_simplejwt.exceptions import AuthenticationFailed, InvalidToken, TokenError
+
+# Set in the scope when the user could not be looked up because the database is down: the
+# consumer then closes with "try again later" rather than daphne failing the handshake (500).
+DATABASE_DOWN = "grizz.database_down"
 
 
 @database_sync_to_async
@@ -60,6 +66,18 @@ def _token_from_subprotocols(scope: dict[str, Any]) -> str | None:
     return None
 
 
+class SessionAuthMiddleware(AuthMiddleware):
+    """Channels' AuthMiddleware (the session's user), but a database that is down leaves the
+    socket anonymous and marked DATABASE_DOWN instead of raising."""
+
+    async def resolve_scope(self, scope: dict[str, Any]) -> None:
+        try:
+            await super().resolve_scope(scope)
+        except DatabaseError:
+            scope["user"]._wrapped = AnonymousUser()
+            scope[DATABASE_DOWN] = True
+
+
 class TokenAuthMiddleware(BaseMiddleware):
     """Runs inside AuthMiddlewareStack: replaces the session user when a token is given, and
     drops it when the socket comes from another origin."""
@@ -67,7 +85,10 @@ class TokenAuthMiddleware(BaseMiddleware):
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
         token = _token_from_subprotocols(scope) or _token_from_query(scope)
         if token is not None:
-            scope = {**scope, "user": await user_from_token(token)}
+            try:
+                scope = {**scope, "user": await user_from_token(token)}
+            except DatabaseError:
+                scope = {**scope, "user": AnonymousUser(), DATABASE_DOWN: True}
         elif not origin_is_trusted(scope):
             scope = {**scope, "user": AnonymousUser()}
         return await super().__call__(scope, receive, send)

@@ -160,6 +160,23 @@ def daphne(service_env: dict[str, str]) -> Iterator[ServiceProcess]:
 
 
 @pytest.fixture
+def start_daphne(service_env: dict[str, str]) -> Iterator:
+    """Start daphne with settings of the test's own (`start(WS_IDLE_TIMEOUT_SECONDS="1")`);
+    each is stopped at the test's end."""
+    started: list[ServiceProcess] = []
+
+    def start(**env: str) -> ServiceProcess:
+        process = daphne_start(env={**service_env, **env}, port=free_port())
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+        print(f"--- daphne output ---\n{process.output}")  # shown on failure
+
+
+@pytest.fixture
 def alice(transactional_db: None) -> User:
     return User.objects.create_user("alice", password="alice-password-1")
 

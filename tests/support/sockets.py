@@ -17,11 +17,16 @@ def token_for(user: User) -> str:
     return str(AccessToken.for_user(user))
 
 
-def session_headers(user: User, *, origin: str | None = "http://testserver") -> list:
+def session_cookie(user: User) -> str:
+    """The Cookie header of a browser in which `user` is signed in."""
     client = Client()
     client.force_login(user)
+    return f"sessionid={client.cookies['sessionid'].value}"
+
+
+def session_headers(user: User, *, origin: str | None = "http://testserver") -> list:
     headers = [
-        (b"cookie", f"sessionid={client.cookies['sessionid'].value}".encode()),
+        (b"cookie", session_cookie(user).encode()),
         (b"host", b"testserver"),
     ]
     if origin is not None:
