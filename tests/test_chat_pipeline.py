@@ -229,7 +229,8 @@ async def test_it_recovers_frames_lost_with_the_pubsub_connection(
 
     # Redis drops this web process's pub/sub connection; the rest of the reply is generated
     # and published while the hub is away, so none of it can reach the socket live.
-    assert await _pubsub_connections_killed(f"grizz-hub:{settings.REDIS_KEY_PREFIX}") == 1
+    # (Hubs of earlier tests' event loops may have left connections of that name too.)
+    assert await _pubsub_connections_killed(f"grizz-hub:{settings.REDIS_KEY_PREFIX}") >= 1
     await asyncio.wait_for(hub_lost.wait(), 15)
     fake_llm.release()
     await _reply_logged_to_the_end(queued["job_id"])
