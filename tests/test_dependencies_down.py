@@ -6,12 +6,14 @@ from asgiref.sync import sync_to_async
 from chat.models import Message
 from chat.services import conversation_create
 from llmworker import redis as grizz_redis
-from tests.support.sockets import ChatSocket
+from llmworker.admission import queue_depth
+from llmworker.redis import jobs_stream_key, redis_get
+from tests.support.sockets import ChatSocket, chat_opened, message_queued
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 
 
-async def test_it_answers_unavailable_when_the_job_cannot_be_queued(alice, settings):
+async def test_it_answers_unavailable_when_redis_fails_at_admission(alice, settings):
     conversation = await sync_to_async(conversation_create)(owner=alice)
     socket = await ChatSocket.open(conversation.id, user=alice)
     await socket.receive()  # hello
@@ -26,4 +28,27 @@ async def test_it_answers_unavailable_when_the_job_cannot_be_queued(alice, setti
     assert await Message.objects.acount() == 0
     await socket.send({"type": "ping"})
     assert await socket.receive() == {"type": "pong"}
+    await socket.close()
+
+
+async def test_it_takes_a_message_back_when_its_job_cannot_be_queued(alice, settings):
+    settings.CHAT_MAX_INFLIGHT_PER_USER = 1
+    settings.LLM_QUEUE_DEPTH_CACHE_SECONDS = 3600
+    socket = await chat_opened(alice)
+    await queue_depth()  # read now: admission will not touch the jobs stream again
+    # Admission passes, the rows are committed, then XADD fails: the jobs stream's key
+    # holds a string (WRONGTYPE).
+    await redis_get().set(jobs_stream_key(), "not a stream")
+
+    await socket.send({"type": "message", "content": "Lost?"})
+    error = await socket.receive()
+    rows_left = await Message.objects.acount()
+    await redis_get().delete(jobs_stream_key())
+    again = await message_queued(socket, "Again")
+
+    assert (error["type"], error["code"]) == ("error", "unavailable")
+    assert rows_left == 0  # the user message and its reply were taken back
+    # Her only in-flight slot was given back: the next message is not rate_limited.
+    assert again["type"] == "queued"
+    assert [m.content async for m in Message.objects.filter(role="user")] == ["Again"]
     await socket.close()
