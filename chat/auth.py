@@ -5,20 +5,26 @@ The session cookie is honoured only from a page of our own origin: a page elsewh
 otherwise open a socket as the signed-in user (cross-site WebSocket hijacking).
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qs, urlsplit
 
 from asgiref.typing import ASGIReceiveCallable, ASGISendCallable
+from channels.auth import AuthMiddleware
 from channels.db import database_sync_to_async
 from channels.middleware import BaseMiddleware
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
+from django.db import DatabaseError
 from django.http.request import validate_host
 from rest_framework_simplejwt.authentication import JWTAuthentication
 from rest_framework_simplejwt.exceptions import AuthenticationFailed, InvalidToken, TokenError
 
 if TYPE_CHECKING:
     from channels.consumer import _ChannelScope
+
+# Set in the scope when the user could not be looked up because the database is down: the
+# consumer then closes with "try again later" rather than daphne failing the handshake (500).
+DATABASE_DOWN = "grizz.database_down"
 
 
 @database_sync_to_async
@@ -64,6 +70,25 @@ def _token_from_subprotocols(scope: "_ChannelScope") -> str | None:
     return None
 
 
+class SessionAuthMiddleware(AuthMiddleware):
+    """Channels' AuthMiddleware (the session's user), but a database that is down leaves the
+    socket anonymous and marked DATABASE_DOWN instead of raising."""
+
+    async def resolve_scope(self, scope: "_ChannelScope") -> None:
+        try:
+            await super().resolve_scope(scope)
+        except DatabaseError:
+            user = scope["user"]  # the lazy user AuthMiddleware.populate_scope put there
+            assert user is not None
+            user._wrapped = AnonymousUser()
+            _scope_dict(scope)[DATABASE_DOWN] = True
+
+
+def _scope_dict(scope: "_ChannelScope") -> dict[str, Any]:
+    # The stubs' scope is a TypedDict without room for keys of our own; it is a plain dict.
+    return cast(dict[str, Any], scope)
+
+
 class TokenAuthMiddleware(BaseMiddleware):
     """Runs inside AuthMiddlewareStack: replaces the session user when a token is given, and
     drops it when the socket comes from another origin."""
@@ -73,7 +98,11 @@ class TokenAuthMiddleware(BaseMiddleware):
     ) -> Any:
         token = _token_from_subprotocols(scope) or _token_from_query(scope)
         if token is not None:
-            scope = {**scope, "user": await user_from_token(token)}
+            try:
+                scope = {**scope, "user": await user_from_token(token)}
+            except DatabaseError:
+                scope = {**scope, "user": AnonymousUser()}  # type: ignore[typeddict-item]
+                _scope_dict(scope)[DATABASE_DOWN] = True
         elif not origin_is_trusted(scope):
             # The stubs allow only AuthMiddleware's lazy user in scope["user"], but for a
             # signed-out socket that lazy user is this same AnonymousUser.

@@ -13,6 +13,7 @@ from django.conf import settings
 from django.contrib.auth.models import User
 
 from chat import services
+from chat.auth import DATABASE_DOWN
 from chat.models import Conversation, Message
 from chat.relay import UNAVAILABLE_ERRORS, ReplyRelay, conversation_active_job
 from llmworker.admission import Refusal, admission_withdraw, job_admit
@@ -25,7 +26,9 @@ logger = logging.getLogger(__name__)
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_NOT_FOUND = 4404
 CLOSE_IDLE = 4408
-CLOSE_TRY_AGAIN_LATER = 1013
+# Not 1013 (RFC 6455's "try again later"): daphne lets an application close only with 1000
+# or 3000-4999, and turned 1013 into a 1011 and a traceback.
+CLOSE_TRY_AGAIN_LATER = 4503
 SUBPROTOCOL = "grizz"
 
 REDIS_CALL_TIMEOUT = 5.0
@@ -70,6 +73,8 @@ class ChatConsumer(ReplyRelay):
     async def connect(self) -> None:
         self.socket_id = uuid.uuid4().hex  # tells this socket's announcements from others'
         self.relay_setup()
+        if self.scope.get(DATABASE_DOWN):
+            return await self._refuse(CLOSE_TRY_AGAIN_LATER)
         user = self.scope["user"]  # set on every socket by AuthMiddlewareStack
         if user is None or not user.is_authenticated:
             return await self._refuse(CLOSE_UNAUTHENTICATED)

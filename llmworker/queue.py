@@ -84,12 +84,14 @@ return 1
 
 
 # The job's entry, its admission reservation ended and the announcement of its message, in
-# one atomic call: the job counts in the queue's length all along, once, and the
-# announcement reaches the conversation's sockets before any frame of the reply can.
+# one atomic call: the job counts in the queue's length all along, once; no worker can read
+# the job before the announcement is out, so sockets see the message before its answer;
+# and a failed XADD stops the script before anything is announced (Redis does not undo a
+# script's earlier writes).
 ENQUEUE_SCRIPT = """
-if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
 local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 4))
 redis.call('ZREM', KEYS[2], ARGV[3])
+if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
 return id
 """
 
@@ -97,7 +99,7 @@ return id
 async def job_enqueue(*, job: Job, announcement: str | None = None) -> str:
     """Put a job on the stream. Call it only once the rows it names are committed.
 
-    `announcement`, a frame for the conversation's sockets, is published just before."""
+    `announcement`, a frame for the conversation's sockets, is published with it."""
     fields = [part for pair in job.to_fields().items() for part in pair]
     client = redis_get()
     return str(

@@ -62,11 +62,13 @@ def redis_get() -> aioredis.Redis:
     return client
 
 
-def redis_pubsub_client() -> aioredis.Redis:
+def redis_pubsub_client(purpose: str = "pubsub") -> aioredis.Redis:
     # No silent retries: the reply hub must see a lost connection, because frames published
     # while it was down have to be read back from the replay logs.
     return aioredis.Redis.from_url(
         settings.REDIS_URL,
+        # Tells an operator (CLIENT LIST) whose connection it is, and which deployment's.
+        client_name=f"grizz-{purpose}:{settings.REDIS_KEY_PREFIX}",
         socket_connect_timeout=3,
         health_check_interval=30,
         retry=Retry(NoBackoff(), 0),

@@ -393,5 +393,5 @@ def reply_hub_get() -> ReplyHub:
     if hub is None:
         for stale in [other for other in _hubs if other.is_closed()]:
             del _hubs[stale]
-        hub = _hubs[loop] = ReplyHub(redis_pubsub_client())
+        hub = _hubs[loop] = ReplyHub(redis_pubsub_client("hub"))
     return hub

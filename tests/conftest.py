@@ -14,6 +14,8 @@ import pytest
 from django.conf import settings
 from django.contrib.auth.models import User
 
+from chat.models import Conversation
+from chat.services import conversation_create
 from tests.support.fake_openai import Behaviour, FakeOpenAI
 from tests.support.processes import ServiceProcess, daphne_start, free_port, worker_start
 
@@ -91,11 +93,26 @@ def _database_url() -> str:
     return f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
 
 
+# What a Python process needs of this one's environment; nothing that configures Grizz.
+# (PG*: how libpq reaches the test database, e.g. PGPASSWORD, as it does for pytest.)
+_PASSED_ENV = {"PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "TZ", "VIRTUAL_ENV"}
+_PASSED_ENV_PREFIXES = ("PYTHON", "PG")
+
+
+def _process_basics() -> dict[str, str]:
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if name in _PASSED_ENV or name.startswith(_PASSED_ENV_PREFIXES)
+    }
+
+
 @pytest.fixture
 def service_env(fake_llm: FakeOpenAI, transactional_db: None) -> dict[str, str]:
-    """The environment of a Grizz process that shares this test's database and Redis."""
+    """The environment of a Grizz process that shares this test's database and Redis: the
+    test's settings only, whatever the developer's shell exports."""
     return {
-        **os.environ,
+        **_process_basics(),
         "DATABASE_URL": _database_url(),
         "REDIS_URL": settings.REDIS_URL,
         "REDIS_KEY_PREFIX": settings.REDIS_KEY_PREFIX,
@@ -144,6 +161,23 @@ def daphne(service_env: dict[str, str]) -> Iterator[ServiceProcess]:
 
 
 @pytest.fixture
+def start_daphne(service_env: dict[str, str]) -> Iterator[Callable[..., ServiceProcess]]:
+    """Start daphne with settings of the test's own (`start(WS_IDLE_TIMEOUT_SECONDS="1")`);
+    each is stopped at the test's end."""
+    started: list[ServiceProcess] = []
+
+    def start(**env: str) -> ServiceProcess:
+        process = daphne_start(env={**service_env, **env}, port=free_port())
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+        print(f"--- daphne output ---\n{process.output}")  # shown on failure
+
+
+@pytest.fixture
 def alice(transactional_db: None) -> User:
     return User.objects.create_user("alice", password="alice-password-1")
 
@@ -151,3 +185,9 @@ def alice(transactional_db: None) -> User:
 @pytest.fixture
 def bob(transactional_db: None) -> User:
     return User.objects.create_user("bob", password="bob-password-1")
+
+
+@pytest.fixture
+def conversation(alice: User) -> Conversation:
+    """A conversation of alice's, with no message yet."""
+    return conversation_create(owner=alice, title="Alice's chat")

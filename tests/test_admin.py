@@ -24,7 +24,8 @@ MESSAGES = "/admin/chat/message/"
 
 
 @pytest.fixture
-def staff() -> Client:
+def superuser() -> Client:
+    """A client signed in as a superuser (staff with every permission)."""
     root = User.objects.create_superuser("root", "root@example.com", "root-password-1")
     client = Client()
     client.force_login(root)
@@ -85,58 +86,58 @@ def test_it_redirects_an_anonymous_visitor_to_the_admin_login():
 # --- The conversation changelist ---------------------------------------------------------
 
 
-def test_it_shows_every_users_conversations_to_a_superuser(staff, alice, bob):
+def test_it_shows_every_users_conversations_to_a_superuser(superuser, alice, bob):
     conversation_create(owner=alice, title="Alice on bears")
     conversation_create(owner=bob, title="Bob on wolves")
-    response = staff.get(CONVERSATIONS)
+    response = superuser.get(CONVERSATIONS)
     assert response.status_code == 200
     assert b"Alice on bears" in response.content
     assert b"Bob on wolves" in response.content
 
 
-def test_it_filters_conversations_by_model(staff, alice):
+def test_it_filters_conversations_by_model(superuser, alice):
     big = conversation_create(owner=alice, title="Big", model="gpt-4o")
     conversation_create(owner=alice, title="Small", model="gpt-4o-mini")
-    assert listed(staff, filter_link(staff, CONVERSATIONS, "gpt-4o")) == [big]
+    assert listed(superuser, filter_link(superuser, CONVERSATIONS, "gpt-4o")) == [big]
 
 
-def test_it_searches_conversations_by_title(staff, alice):
+def test_it_searches_conversations_by_title(superuser, alice):
     bears = conversation_create(owner=alice, title="All about bears")
     conversation_create(owner=alice, title="All about wolves")
-    assert listed(staff, CONVERSATIONS, q="bears") == [bears]
+    assert listed(superuser, CONVERSATIONS, q="bears") == [bears]
 
 
-def test_it_searches_conversations_by_owner_username(staff, alice, bob):
+def test_it_searches_conversations_by_owner_username(superuser, alice, bob):
     conversation_create(owner=alice, title="One")
     bobs = conversation_create(owner=bob, title="Two")
-    assert listed(staff, CONVERSATIONS, q="bob") == [bobs]
+    assert listed(superuser, CONVERSATIONS, q="bob") == [bobs]
 
 
-def test_it_searches_conversations_by_message_content(staff, alice):
+def test_it_searches_conversations_by_message_content(superuser, alice):
     honey = conversation_create(owner=alice, title="First")
     conversation_create(owner=alice, title="Second")
     answered(honey, "Do bears like honey?", "Yes, bears love honey.")
     # Two matching messages, one conversation: it is listed once.
-    assert listed(staff, CONVERSATIONS, q="honey") == [honey]
+    assert listed(superuser, CONVERSATIONS, q="honey") == [honey]
 
 
-def test_it_searches_and_filters_conversations_together(staff, alice, bob):
+def test_it_searches_and_filters_conversations_together(superuser, alice, bob):
     wanted = conversation_create(owner=alice, title="Salmon", model="gpt-4o")
     conversation_create(owner=alice, title="Salmon", model="gpt-4o-mini")
     conversation_create(owner=bob, title="Trout", model="gpt-4o")
     searched = f"{CONVERSATIONS}?q=salmon"
-    assert listed(staff, filter_link(staff, searched, "gpt-4o")) == [wanted]
+    assert listed(superuser, filter_link(superuser, searched, "gpt-4o")) == [wanted]
 
 
 # --- A conversation's transcript ---------------------------------------------------------
 
 
-def test_it_shows_the_transcript_inline_in_order(staff, alice):
+def test_it_shows_the_transcript_inline_in_order(superuser, alice):
     conversation = conversation_create(owner=alice, title="Transcript")
     answered(conversation, "question one", "answer one")
     answered(conversation, "question two", "answer two")
     failed(conversation, "question three", "the provider refused")
-    response = staff.get(f"{CONVERSATIONS}{conversation.id}/change/")
+    response = superuser.get(f"{CONVERSATIONS}{conversation.id}/change/")
     assert response.status_code == 200
     html = response.content.decode()
     contents = [
@@ -151,34 +152,34 @@ def test_it_shows_the_transcript_inline_in_order(staff, alice):
     assert positions == sorted(positions)
 
 
-def test_it_escapes_message_content_in_the_transcript(staff, alice):
+def test_it_escapes_message_content_in_the_transcript(superuser, alice):
     conversation = conversation_create(owner=alice)
     message_send(conversation=conversation, content="<script>alert(1)</script>")
-    html = staff.get(f"{CONVERSATIONS}{conversation.id}/change/").content.decode()
+    html = superuser.get(f"{CONVERSATIONS}{conversation.id}/change/").content.decode()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "<script>alert(1)</script>" not in html
 
 
-def test_it_offers_no_form_to_add_a_message_in_the_inline(staff, alice):
+def test_it_offers_no_form_to_add_a_message_in_the_inline(superuser, alice):
     conversation = conversation_create(owner=alice)
     answered(conversation, "question", "answer")
-    html = staff.get(f"{CONVERSATIONS}{conversation.id}/change/").content.decode()
+    html = superuser.get(f"{CONVERSATIONS}{conversation.id}/change/").content.decode()
     # The admin's JavaScript shows "Add another" only below MAX_NUM_FORMS, from the empty
     # form it clones; neither is there.
     assert 'name="messages-MAX_NUM_FORMS" value="0"' in html
     assert 'id="messages-empty"' not in html
 
 
-def test_it_offers_no_message_inline_on_the_add_conversation_page(staff):
-    html = staff.get(f"{CONVERSATIONS}add/").content.decode()
+def test_it_offers_no_message_inline_on_the_add_conversation_page(superuser):
+    html = superuser.get(f"{CONVERSATIONS}add/").content.decode()
     assert 'name="messages-MAX_NUM_FORMS" value="0"' in html
     assert 'id="messages-empty"' not in html
 
 
-def test_it_saves_a_conversation_and_ignores_a_message_posted_in_the_inline(staff, alice):
+def test_it_saves_a_conversation_and_ignores_a_message_posted_in_the_inline(superuser, alice):
     conversation = conversation_create(owner=alice, title="Before")
     sent = message_send(conversation=conversation, content="the only question")
-    response = staff.post(
+    response = superuser.post(
         f"{CONVERSATIONS}{conversation.id}/change/",
         {
             "owner": alice.pk,
@@ -211,44 +212,44 @@ def test_it_saves_a_conversation_and_ignores_a_message_posted_in_the_inline(staf
 # --- The message changelist ---------------------------------------------------------------
 
 
-def test_it_filters_messages_by_status(staff, alice):
+def test_it_filters_messages_by_status(superuser, alice):
     conversation = conversation_create(owner=alice)
     answered(conversation, "fine question", "fine answer")
     failed(conversation, "bad question", "boom")
-    failures = listed(staff, filter_link(staff, MESSAGES, "Failed"))
+    failures = listed(superuser, filter_link(superuser, MESSAGES, "Failed"))
     assert [(m.role, m.error) for m in failures] == [("assistant", "boom")]
 
 
-def test_it_filters_messages_by_role(staff, alice):
+def test_it_filters_messages_by_role(superuser, alice):
     conversation = conversation_create(owner=alice)
     answered(conversation, "first question", "first answer")
     answered(conversation, "second question", "second answer")
-    users = listed(staff, filter_link(staff, MESSAGES, "User"))
+    users = listed(superuser, filter_link(superuser, MESSAGES, "User"))
     assert sorted(m.content for m in users) == ["first question", "second question"]
 
 
-def test_it_filters_messages_by_status_and_role(staff, alice):
+def test_it_filters_messages_by_status_and_role(superuser, alice):
     conversation = conversation_create(owner=alice)
     answered(conversation, "question", "answer")
     pending = message_send(conversation=conversation, content="waiting")
-    queued = filter_link(staff, MESSAGES, "Queued")
-    assert listed(staff, filter_link(staff, queued, "Assistant")) == [pending.reply]
-    assert listed(staff, filter_link(staff, queued, "User")) == []
+    queued = filter_link(superuser, MESSAGES, "Queued")
+    assert listed(superuser, filter_link(superuser, queued, "Assistant")) == [pending.reply]
+    assert listed(superuser, filter_link(superuser, queued, "User")) == []
 
 
-def test_it_searches_messages_by_content(staff, alice):
+def test_it_searches_messages_by_content(superuser, alice):
     conversation = conversation_create(owner=alice)
     answered(conversation, "where do otters sleep", "in holts")
-    assert [m.content for m in listed(staff, MESSAGES, q="otters")] == ["where do otters sleep"]
+    assert [m.content for m in listed(superuser, MESSAGES, q="otters")] == ["where do otters sleep"]
 
 
-def test_it_finds_a_reply_by_its_job_id(staff, alice):
+def test_it_finds_a_reply_by_its_job_id(superuser, alice):
     conversation = conversation_create(owner=alice)
     sent = message_send(conversation=conversation, content="question")
-    assert listed(staff, MESSAGES, q=str(sent.reply.job_id)) == [sent.reply]
+    assert listed(superuser, MESSAGES, q=str(sent.reply.job_id)) == [sent.reply]
 
 
-def test_it_does_not_offer_to_add_a_message(staff):
-    assert staff.get(f"{MESSAGES}add/").status_code == 403
-    assert staff.post(f"{MESSAGES}add/", {}).status_code == 403
+def test_it_does_not_offer_to_add_a_message(superuser):
+    assert superuser.get(f"{MESSAGES}add/").status_code == 403
+    assert superuser.post(f"{MESSAGES}add/", {}).status_code == 403
     assert not Message.objects.exists()

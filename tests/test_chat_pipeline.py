@@ -4,17 +4,19 @@ process → the loopback OpenAI-compatible server → back to every socket on th
 import asyncio
 import json
 import signal
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import websockets
 from asgiref.sync import sync_to_async
+from django.conf import settings
 
 from chat.models import Message
 from chat.services import conversation_create
-from llmworker.redis import redis_get
+from llmworker.redis import StreamsRead, redis_get, reply_log_key
+from llmworker.replies import reply_hub_get
 from tests.support.fake_openai import Behaviour
-from tests.support.sockets import ChatSocket, answer_of, token_for
+from tests.support.sockets import ChatSocket, answer_of, chat_opened, message_queued, token_for
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 
@@ -80,20 +82,21 @@ async def test_it_sends_the_earlier_turns_in_the_prompt(alice, fake_llm, worker)
 async def test_it_streams_to_every_socket_of_the_conversation_only(alice, bob, fake_llm, worker):
     fake_llm.default = Behaviour(reply=REPLY, interval=0.01)
     conversation = await _conversation(alice)
-    alices_other = await _conversation(alice)
-    bobs = await _conversation(bob)
-    first_tab = await ChatSocket.open(conversation.id, user=alice)
-    second_tab = await ChatSocket.open(conversation.id, user=alice)
-    elsewhere = [
-        await ChatSocket.open(alices_other.id, user=alice),
-        await ChatSocket.open(bobs.id, user=bob),
+    first_tab = await chat_opened(alice, conversation.id)
+    second_tab = await chat_opened(alice, conversation.id)
+    # A socket on another conversation of alice's and one on bob's, each with a second tab
+    # of its own that will speak once the reply is over.
+    elsewhere = [await chat_opened(alice), await chat_opened(bob)]
+    speakers = [
+        await chat_opened(alice, elsewhere[0].conversation_id),
+        await chat_opened(bob, elsewhere[1].conversation_id),
     ]
-    for socket in (first_tab, second_tab, *elsewhere):
-        await socket.receive()  # hello
 
     await first_tab.send({"type": "message", "content": "Hello to both tabs"})
     first = await first_tab.receive_until("done")
     second = await second_tab.receive_until("done")
+    for speaker in speakers:
+        await message_queued(speaker, "After the reply")
 
     job_id = first[0]["job_id"]
     assert second[0] == {
@@ -106,10 +109,11 @@ async def test_it_streams_to_every_socket_of_the_conversation_only(alice, bob, f
     assert answer_of(first, job_id) == answer_of(second, job_id) == REPLY
     assert second[-1] == first[-1]
     for socket in elsewhere:
-        # Frames reach every socket through one reader, in order: had these sockets been
-        # subscribed, the frames would be in their queues by now.
-        assert await socket.nothing_received()
-    for socket in (first_tab, second_tab, *elsewhere):
+        # One pub/sub connection carries every conversation's frames, in publish order:
+        # had this socket been sent the reply's frames, they would come before this one.
+        frame = await socket.receive()
+        assert (frame["type"], frame["content"]) == ("user_message", "After the reply")
+    for socket in (first_tab, second_tab, *elsewhere, *speakers):
         await socket.close()
 
 
@@ -212,21 +216,68 @@ async def test_the_demo_model_answers_without_an_api_key(alice, service_env, sta
     await socket.close()
 
 
-async def test_it_recovers_frames_lost_with_the_pubsub_connection(alice, fake_llm, worker):
-    fake_llm.default = Behaviour(tokens=[f" w{i}" for i in range(60)], interval=0.02)
-    conversation = await _conversation(alice)
-    socket = await ChatSocket.open(conversation.id, user=alice)
-    await socket.receive()
-    await socket.send({"type": "message", "content": "Go"})
-    queued = await socket.receive()
-    await socket.receive()  # the first delta: the reply is streaming
+async def test_it_recovers_frames_lost_with_the_pubsub_connection(
+    alice, fake_llm, worker, monkeypatch
+):
+    tokens = [f" w{i}" for i in range(60)]
+    fake_llm.default = Behaviour(tokens=tokens, hold_after=5)
+    socket = await chat_opened(alice)
+    queued = await message_queued(socket)
+    while answer_of(socket.frames, queued["job_id"]) != "".join(tokens[:5]):
+        await socket.receive()
+    live = [f["seq"] for f in socket.frames if "seq" in f]
+    hub_lost, hub_may_reconnect = _hub_reconnect_held(monkeypatch)
 
-    # Redis drops every pub/sub connection: frames published until the hub has
-    # reconnected reach no socket live; they must come from the replay log.
-    redis = redis_get()
-    assert await redis.client_kill_filter(_type="pubsub") >= 1
-    frames = await socket.receive_until("done")
+    # Redis drops this web process's pub/sub connection; the rest of the reply is generated
+    # and published while the hub is away, so none of it can reach the socket live.
+    # (Hubs of earlier tests' event loops may have left connections of that name too.)
+    assert await _pubsub_connections_killed(f"grizz-hub:{settings.REDIS_KEY_PREFIX}") >= 1
+    await asyncio.wait_for(hub_lost.wait(), 15)
+    fake_llm.release()
+    await _reply_logged_to_the_end(queued["job_id"])
+    hub_may_reconnect.set()
+    done = (await socket.receive_until("done"))[-1]
 
-    assert answer_of(socket.frames, queued["job_id"]) == "".join(f" w{i}" for i in range(60))
-    assert frames[-1]["content"] == "".join(f" w{i}" for i in range(60))
+    seqs = [f["seq"] for f in socket.frames if "seq" in f]
+    assert seqs == list(range(1, done["seq"] + 1))  # each once, in order, none missing
+    assert done["seq"] > live[-1]  # frames came after the drop: from the replay log
+    assert answer_of(socket.frames, queued["job_id"]) == done["content"] == "".join(tokens)
     await socket.close()
+
+
+def _hub_reconnect_held(monkeypatch) -> tuple[asyncio.Event, asyncio.Event]:
+    """This process's reply hub signals when it has lost its connection, and reconnects only
+    once allowed: the test decides what is published while it is away."""
+    hub = reply_hub_get()
+    lost, may_reconnect = asyncio.Event(), asyncio.Event()
+    reconnect = hub._reconnect
+
+    async def held() -> None:
+        lost.set()
+        await may_reconnect.wait()
+        await reconnect()
+
+    monkeypatch.setattr(hub, "_reconnect", held)
+    return lost, may_reconnect
+
+
+async def _pubsub_connections_killed(name: str) -> int:
+    # Only the connections of this run (the name holds its key prefix): other test runs
+    # may share this Redis.
+    redis = redis_get()
+    mine = [client["id"] for client in await redis.client_list() if client["name"] == name]
+    for client_id in mine:
+        await redis.client_kill_filter(_id=client_id)
+    return len(mine)
+
+
+async def _reply_logged_to_the_end(job_id: str) -> None:
+    """Until the reply's final frame is in its replay log (the worker published it)."""
+    redis, last = redis_get(), "0"
+    while True:
+        streams = cast(StreamsRead, await redis.xread({reply_log_key(job_id): last}, block=30_000))
+        assert streams, "the reply did not finish within 30 s"
+        entries = streams[0][1]
+        if any(json.loads(fields["f"])["type"] == "done" for _, fields in entries):
+            return
+        last = entries[-1][0]

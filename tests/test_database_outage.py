@@ -1,24 +1,16 @@
 """PostgreSQL out of reach under a web process: messages are refused with `unavailable`,
 the socket stays open, and sending works again once the database is back."""
 
-import socket
-
 import pytest
 from asgiref.sync import sync_to_async
 from django.db import connections
 
 from chat.models import Message
 from chat.services import conversation_create
+from tests.support.processes import free_port
 from tests.support.sockets import ChatSocket
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port  # nothing listens there once the socket is closed
 
 
 async def _point_database_at(port: int) -> None:
@@ -33,7 +25,7 @@ async def test_it_answers_unavailable_while_the_database_is_unreachable(alice):
     await chat.receive()
     real_port = connections["default"].settings_dict["PORT"]
 
-    await _point_database_at(_closed_port())
+    await _point_database_at(free_port())
     try:
         await chat.send({"type": "message", "content": "Hello?"})
         refused = await chat.receive()

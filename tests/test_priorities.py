@@ -45,12 +45,15 @@ async def test_staff_and_the_priority_group_go_on_the_high_stream(alice, root, c
 
 
 async def test_a_high_job_overtakes_waiting_normal_ones(alice, root, fake_llm, start_worker):
-    fake_llm.default = Behaviour(tokens=[" x"] * 10, interval=0.05)
+    # The first reply holds the worker's only slot until every other job is queued.
+    fake_llm.enqueue(Behaviour(tokens=[" x"] * 10, hold_after=1))
+    fake_llm.default = Behaviour(tokens=[" x"] * 10)
     await asyncio.to_thread(start_worker, "single", concurrency=1)
     first = await _send(alice, "normal 1")
     await asyncio.to_thread(fake_llm.wait_for_requests, 1)  # the worker is busy with it
     others = [await _send(alice, f"normal {i}") for i in (2, 3)]
     staff = await _send(root, "high")
+    await asyncio.to_thread(fake_llm.release)
 
     for socket in (first, *others, staff):
         await socket.receive_until("done", timeout=30)

@@ -4,7 +4,7 @@ provider is down and lets them continue when it is back; the result timeout ends
 whose provider sends nothing."""
 
 import asyncio
-import threading
+import contextlib
 import time
 from typing import Any, cast
 
@@ -27,24 +27,15 @@ UNAVAILABLE = "The model provider is unavailable; your reply will continue when 
 
 class Arrivals:
     """When the fake provider received each of its first `count` requests (monotonic
-    seconds), taken by a thread that waits on the fake's own condition."""
+    seconds), as the server recorded them on reading each request."""
 
     def __init__(self, fake: FakeOpenAI, count: int) -> None:
-        self.times: list[float] = []
-        self.thread = threading.Thread(target=self._watch, args=(fake, count), daemon=True)
-        self.thread.start()
-
-    def _watch(self, fake: FakeOpenAI, count: int) -> None:
-        for n in range(1, count + 1):
-            try:
-                fake.wait_for_requests(n, timeout=120)
-            except TimeoutError:
-                return
-            self.times.append(time.monotonic())
+        self.fake, self.count = fake, count
 
     async def all(self) -> list[float]:
-        await asyncio.to_thread(self.thread.join, 60)
-        return self.times
+        with contextlib.suppress(TimeoutError):
+            await asyncio.to_thread(self.fake.wait_for_requests, self.count, 60)
+        return self.fake.arrivals[: self.count]
 
 
 @pytest.fixture

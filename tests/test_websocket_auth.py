@@ -7,15 +7,9 @@ import pytest
 from asgiref.sync import sync_to_async
 from rest_framework_simplejwt.tokens import AccessToken
 
-from chat.services import conversation_create
 from tests.support.sockets import ChatSocket, session_headers, token_for
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
-
-
-@pytest.fixture
-def conversation(alice):
-    return conversation_create(owner=alice, title="Alice's chat")
 
 
 async def test_it_says_hello_with_a_token(alice, conversation):

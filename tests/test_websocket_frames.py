@@ -5,15 +5,9 @@ import json
 import pytest
 
 from chat.models import Message
-from chat.services import conversation_create
 from tests.support.sockets import ChatSocket
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
-
-
-@pytest.fixture
-def conversation(alice):
-    return conversation_create(owner=alice)
 
 
 @pytest.fixture

@@ -24,11 +24,6 @@ pytestmark = [pytest.mark.django_db(transaction=True)]
 KNOWN_ERROR_CODES = {"invalid", "too_long"}
 
 
-@pytest.fixture
-def conversation(alice):
-    return conversation_create(owner=alice)
-
-
 @pytest.mark.asyncio
 async def test_it_takes_the_token_as_a_subprotocol(alice, conversation):
     communicator = WebsocketCommunicator(
@@ -69,14 +64,14 @@ async def test_tokens_never_reach_the_logs(alice, fake_llm, daphne, worker):
         base, subprotocols=[Subprotocol("grizz"), Subprotocol(f"jwt.{token}")]
     ) as ws:
         await ws.recv()
-    async with websockets.connect(f"{base}?token=forged.{token[:20]}") as ws:
-        await ws.wait_closed()
+    async with websockets.connect(f"{base}?token=forged.{token[:20]}") as forged:
+        await asyncio.wait_for(forged.wait_closed(), 15)
 
     daphne.stop()
+    assert forged.close_code == 4401
     assert "WSCONNECT" in daphne.output  # the access log is on...
     assert token not in daphne.output  # ...and holds no token, valid or not
     assert token[:20] not in daphne.output
-    assert token[:20] not in worker.output
 
 
 @pytest.mark.asyncio
@@ -95,15 +90,6 @@ async def test_it_refuses_frames_over_the_byte_limit(alice, conversation, settin
     assert pong == {"type": "pong"}
     assert await Message.objects.acount() == 0
     await socket.close()
-
-
-@pytest.mark.asyncio
-async def test_it_closes_an_idle_socket_with_4408(alice, conversation, settings):
-    settings.WS_IDLE_TIMEOUT_SECONDS = 1
-    socket = await ChatSocket.open(conversation.id, user=alice)
-    await socket.receive()
-
-    assert await socket.close_code(timeout=10) == 4408
 
 
 @pytest.mark.asyncio

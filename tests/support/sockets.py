@@ -17,13 +17,18 @@ def token_for(user: User) -> str:
     return str(AccessToken.for_user(user))
 
 
+def session_cookie(user: User) -> str:
+    """The Cookie header of a browser in which `user` is signed in."""
+    client = Client()
+    client.force_login(user)
+    return f"sessionid={client.cookies['sessionid'].value}"
+
+
 def session_headers(
     user: User, *, origin: str | None = "http://testserver"
 ) -> list[tuple[bytes, bytes]]:
-    client = Client()
-    client.force_login(user)
     headers = [
-        (b"cookie", f"sessionid={client.cookies['sessionid'].value}".encode()),
+        (b"cookie", session_cookie(user).encode()),
         (b"host", b"testserver"),
     ]
     if origin is not None:
@@ -37,6 +42,7 @@ class ChatSocket:
     def __init__(self, path: str, *, headers: list[tuple[bytes, bytes]] | None = None) -> None:
         self.communicator = WebsocketCommunicator(application, path, headers=headers or [])
         self.frames: list[dict[str, Any]] = []
+        self.conversation_id: object = None  # set by open()
 
     @classmethod
     async def open(
@@ -50,6 +56,7 @@ class ChatSocket:
         if user is not None:
             path += f"?token={token_for(user)}"
         socket = cls(path, headers=headers)
+        socket.conversation_id = conversation_id
         connected, _ = await socket.communicator.connect(timeout=10)
         assert connected
         return socket
