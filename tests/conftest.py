@@ -153,14 +153,6 @@ def start_worker(service_env: dict[str, str]) -> Iterator[Callable[..., ServiceP
 
 
 @pytest.fixture
-def daphne(service_env: dict[str, str]) -> Iterator[ServiceProcess]:
-    process = daphne_start(env=service_env, port=free_port())
-    yield process
-    process.stop()
-    print(f"--- daphne output ---\n{process.output}")  # shown on failure
-
-
-@pytest.fixture
 def start_daphne(service_env: dict[str, str]) -> Iterator[Callable[..., ServiceProcess]]:
     """Start daphne with settings of the test's own (`start(WS_IDLE_TIMEOUT_SECONDS="1")`);
     each is stopped at the test's end."""
@@ -175,6 +167,11 @@ def start_daphne(service_env: dict[str, str]) -> Iterator[Callable[..., ServiceP
     for process in started:
         process.stop()
         print(f"--- daphne output ---\n{process.output}")  # shown on failure
+
+
+@pytest.fixture
+def daphne(start_daphne: Callable[..., ServiceProcess]) -> ServiceProcess:
+    return start_daphne()
 
 
 @pytest.fixture

@@ -11,9 +11,7 @@ from asgiref.sync import sync_to_async
 from django.contrib.auth.models import User
 
 from chat.models import Message
-from chat.services import conversation_create
-from tests.support.processes import ServiceProcess, daphne_start, free_port
-from tests.support.sockets import ChatSocket, chat_opened, token_for
+from tests.support.sockets import ChatSocket, chat_opened, daphne_socket_ready
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 
@@ -180,25 +178,9 @@ LIMIT = 3
 
 
 @pytest.fixture
-def two_web_processes(service_env):
-    env = {
-        **service_env,
-        "LLM_MAX_PENDING_JOBS": str(LIMIT),
-        "CHAT_MAX_INFLIGHT_PER_USER": "0",
-        "CHAT_RATE_LIMIT": "0/min",
-    }
-    processes = [daphne_start(env=env, port=free_port()) for _ in range(2)]
-    yield processes
-    for process in processes:
-        process.stop()
-
-
-async def _socket_ready(web: ServiceProcess, user: User) -> websockets.ClientConnection:
-    conversation = await sync_to_async(conversation_create)(owner=user)
-    url = f"ws://127.0.0.1:{web.port}/ws/chat/{conversation.id}/?token={token_for(user)}"
-    ws = await websockets.connect(url)
-    assert json.loads(await ws.recv())["type"] == "hello"
-    return ws
+def two_web_processes(start_daphne):
+    limits = {"CHAT_MAX_INFLIGHT_PER_USER": "0", "CHAT_RATE_LIMIT": "0/min"}
+    return [start_daphne(LLM_MAX_PENDING_JOBS=str(LIMIT), **limits) for _ in range(2)]
 
 
 async def _answer(ws: websockets.ClientConnection, content: str) -> dict[str, Any]:
@@ -210,7 +192,9 @@ async def _answer(ws: websockets.ClientConnection, content: str) -> dict[str, An
 async def test_a_burst_across_web_processes_queues_exactly_the_limit(alice, bob, two_web_processes):
     carol = await sync_to_async(User.objects.create_user)("carol", password="carol-password-1")
     users = [alice, bob, carol] * 2
-    sockets = [await _socket_ready(two_web_processes[i % 2], user) for i, user in enumerate(users)]
+    sockets = [
+        await daphne_socket_ready(two_web_processes[i % 2], user) for i, user in enumerate(users)
+    ]
 
     answers = await asyncio.gather(*(_answer(ws, f"burst {i}") for i, ws in enumerate(sockets)))
 

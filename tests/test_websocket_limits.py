@@ -11,13 +11,10 @@ from typing import Any
 
 import pytest
 import websockets
-from asgiref.sync import sync_to_async
 from websockets.frames import Close
 
 from chat.models import Message
-from chat.services import conversation_create
-from tests.support.processes import daphne_start, free_port
-from tests.support.sockets import token_for
+from tests.support.sockets import daphne_socket_ready
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 
@@ -27,12 +24,8 @@ MIB = 1024 * 1024
 
 
 @pytest.fixture
-def web(service_env):
-    env = {**service_env, "WS_MAX_FRAME_BYTES": str(LIMIT), "WS_TRANSPORT_MAX_BYTES": str(MIB)}
-    process = daphne_start(env=env, port=free_port())
-    yield process
-    process.stop()
-    print(f"--- daphne output ---\n{process.output}")  # shown on failure
+def web(start_daphne):
+    return start_daphne(WS_MAX_FRAME_BYTES=str(LIMIT), WS_TRANSPORT_MAX_BYTES=str(MIB))
 
 
 def _frame_of(size: int) -> str:
@@ -45,14 +38,6 @@ def _frame_of(size: int) -> str:
     )
     assert len(frame.encode()) == size
     return frame
-
-
-async def _socket(web, user) -> websockets.ClientConnection:
-    conversation = await sync_to_async(conversation_create)(owner=user)
-    url = f"ws://127.0.0.1:{web.port}/ws/chat/{conversation.id}/?token={token_for(user)}"
-    ws = await websockets.connect(url)
-    assert json.loads(await ws.recv())["type"] == "hello"
-    return ws
 
 
 async def _answer(ws: websockets.ClientConnection, frame: str) -> dict[str, Any]:
@@ -76,7 +61,7 @@ async def _pong(ws: websockets.ClientConnection) -> dict[str, Any]:
 
 
 async def test_a_frame_at_the_limit_is_accepted(alice, web):
-    ws = await _socket(web, alice)
+    ws = await daphne_socket_ready(web, alice)
 
     answer = await _answer(ws, _frame_of(LIMIT))
 
@@ -86,7 +71,7 @@ async def test_a_frame_at_the_limit_is_accepted(alice, web):
 
 @pytest.mark.parametrize("size", [LIMIT + 1, 300_000, MIB])
 async def test_a_frame_over_the_limit_is_refused_and_the_socket_stays_open(alice, web, size):
-    ws = await _socket(web, alice)
+    ws = await daphne_socket_ready(web, alice)
 
     answer = await _answer(ws, _frame_of(size))
     pong = await _pong(ws)
@@ -99,8 +84,8 @@ async def test_a_frame_over_the_limit_is_refused_and_the_socket_stays_open(alice
 
 @pytest.mark.parametrize("size", [MIB + 1, 4 * MIB, 16 * MIB])
 async def test_a_frame_over_the_transport_limit_closes_with_1009_and_a_reason(alice, web, size):
-    bystander = await _socket(web, alice)
-    ws = await _socket(web, alice)
+    bystander = await daphne_socket_ready(web, alice)
+    ws = await daphne_socket_ready(web, alice)
 
     close, pong = await asyncio.gather(_close_for(ws, _frame_of(size)), _pong(bystander))
     pong_after = await _pong(bystander)

@@ -286,6 +286,13 @@ class FakeOpenAI:
                 )
             return self._disconnects[n - 1]
 
+    def wait_for_active_streams(self, n: int, timeout: float = 10.0) -> None:
+        """Block until exactly ``n`` chat responses are in progress: a client that has read a
+        whole answer may get there before the server has finished with it."""
+        with self._state:
+            if not self._state.wait_for(lambda: self._active == n, timeout):
+                raise TimeoutError(f"{self._active} streams active, not {n}, after {timeout}s")
+
     @property
     def active_streams(self) -> int:
         """Chat responses in progress (streaming, stalled or waiting to answer)."""

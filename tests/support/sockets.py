@@ -3,6 +3,7 @@
 import json
 from typing import Any
 
+import websockets
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import User
@@ -11,6 +12,7 @@ from rest_framework_simplejwt.tokens import AccessToken
 
 from chat.services import conversation_create
 from grizz.asgi import application
+from tests.support.processes import ServiceProcess
 
 
 def token_for(user: User) -> str:
@@ -124,3 +126,12 @@ def answer_of(frames: list[dict[str, Any]], job_id: str) -> str:
         elif frame["type"] == "delta":
             text.append(frame["content"])
     return "".join(text)
+
+
+async def daphne_socket_ready(web: ServiceProcess, user: User) -> websockets.ClientConnection:
+    """A real client's socket of `user` on a new conversation, through daphne, past its hello."""
+    conversation = await sync_to_async(conversation_create)(owner=user)
+    url = f"ws://127.0.0.1:{web.port}/ws/chat/{conversation.id}/?token={token_for(user)}"
+    ws = await websockets.connect(url)
+    assert json.loads(await ws.recv())["type"] == "hello"
+    return ws
