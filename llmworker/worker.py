@@ -74,6 +74,8 @@ class Worker:
         self.shutdown = asyncio.Event()
         self.lease = settings.LLM_JOB_LEASE_SECONDS
         self.read_backoff = Backoff(first=0.5)
+        # Jobs this name was given before a restart come first: read once, on the first step.
+        self.own_pending_read = False
 
     # The loop
 
@@ -90,7 +92,6 @@ class Worker:
             asyncio.create_task(self._every(settings.LLM_RECONCILE_SECONDS, self._reconcile)),
             asyncio.create_task(self._cancels_listen()),
         ]
-        self._start_jobs(await self.queue.read_own_pending(count=self.concurrency))
         while not self.shutdown.is_set():
             await self._step()
         for chore in chores:
@@ -119,7 +120,7 @@ class Worker:
             )
             return
         try:
-            self._start_jobs(await self._read_until_shutdown(free))
+            self._start_jobs(await self._jobs_next(free))
             self.read_backoff.reset()
         except ResponseError as error:
             await self._read_failed(error, stream_gone=_means_stream_gone(error))
@@ -138,6 +139,16 @@ class Worker:
         await self._pause(delay)
         if stream_gone:
             await self._group_ensure()
+
+    async def _jobs_next(self, count: int) -> list[Delivery]:
+        # Through _step, so that a stream lost (or Redis down) right after the start is
+        # handled like any failed read, not a crash.
+        if not self.own_pending_read:
+            fault_point("before_own_pending_read")
+            own = await self.queue.read_own_pending(count=count)
+            self.own_pending_read = True
+            return own
+        return await self._read_until_shutdown(count)
 
     async def _read_until_shutdown(self, count: int) -> list[Delivery]:
         read = asyncio.ensure_future(self.queue.read(count=count, block_ms=READ_BLOCK_MS))

@@ -212,6 +212,25 @@ async def test_the_worker_recreates_a_vanished_stream(alice, fake_llm, worker):
     await socket.close()
 
 
+async def test_a_stream_lost_as_the_worker_starts_does_not_stop_it(
+    alice, fake_llm, service_env, start_worker
+):
+    # The moment between creating the group and the first read (a Redis restart then).
+    service_env["GRIZZ_FAULTS"] = "before_own_pending_read:stop"
+    starting = await asyncio.to_thread(start_worker, "starting")
+    await asyncio.to_thread(starting.wait_for_line, "fault: stopped at before_own_pending_read")
+    await redis_get().delete(jobs_stream_key())
+    starting.send_signal(signal.SIGCONT)
+    socket = await chat_opened(alice)
+    await message_queued(socket)
+
+    frames = await socket.receive_until("done", timeout=30)
+
+    assert frames[-1]["status"] == "complete"
+    assert starting.output.count("the job stream is gone") == 1
+    await socket.close()
+
+
 async def test_resume_after_a_dropped_connection_misses_and_repeats_nothing(
     alice, fake_llm, daphne, worker
 ):
