@@ -61,7 +61,7 @@ async def run(ctx: Context) -> ScenarioResult:
 
 
 async def _direct_phase(ctx: Context, plan: Plan) -> Phase:
-    client, turners = direct_clients(ctx.deployment, plan.concurrency)
+    client, turners = direct_clients(ctx.deployment.model_url, plan.concurrency)
     # The SDK's first request pays for lazy imports and client setup: not a model cost.
     await turners[0].turn(plan.shape.message(), 30)
     try:
