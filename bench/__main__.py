@@ -2,7 +2,7 @@
 write bench/results/<date>.md and .json, print the table, take everything down again.
 
     python -m bench                      # the full run, under 10 minutes
-    python -m bench --quick              # a smoke run, under 90 s
+    python -m bench --quick              # a smoke run, under 2 minutes
     python -m bench --only latency       # some scenarios only (repeat or comma-separate)
     python -m bench --env DATABASE_CONN_MAX_AGE=0    # run Grizz with other settings
     python -m bench --profile            # also: where web and worker spend CPU (py-spy)
@@ -42,7 +42,7 @@ from bench.scenarios import DEFAULT, SCENARIOS
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a fast smoke run (< 90 s)")
+    parser.add_argument("--quick", action="store_true", help="a fast smoke run (< 2 minutes)")
     parser.add_argument(
         "--only",
         action="append",

@@ -241,26 +241,6 @@ def _floor_rows(steps: list[Step], reach: Run | None, check: int) -> list[Row]:
     ]
 
 
-def _failure(analysis: Analysis, p99: float) -> str:
-    if analysis.problems:
-        return f"{len(analysis.problems)} failed turns ({analysis.problems[0]})"
-    if not analysis.timings:
-        return "no turn completed"
-    if not p99 < TOKEN_P99_LIMIT_MS:
-        return f"p99 per-token {p99:.0f} ms"
-    return ""
-
-
-def _tokens(outcome: Outcome) -> int:
-    return sum(_turn_tokens(turn) for turn in outcome.every)
-
-
-def _turn_tokens(turn: Turn) -> int:
-    # Every token is one word, and the first one carries one more (the arrival stamp).
-    words = sum(len(content.split()) for _, _, content in turn.deltas)
-    return max(words - 1, 0)
-
-
 def _table(steps: list[Step], reach: Run | None, check: int) -> Section:
     headers = [
         "Conversations", "Path", "Verdict", "Tokens/s", "Per token p50/p99/max", "TTFT p50/p99",
