@@ -27,6 +27,9 @@ from bench.scenarios.cpu import OPEN_PARALLEL, THINK_S, measure_window
 GROUP = "profile"
 TOP = 15
 RATE = 100  # samples per second (py-spy's default)
+# py-spy's idle detection misses an event loop blocked in epoll_wait; those samples are the
+# loop waiting, not CPU, and are left out (other waits, e.g. psycopg's, stay: they are shown).
+WAITING_LEAVES = ("EpollSelector.select (",)
 
 
 @dataclass
@@ -121,6 +124,8 @@ def _parse(name: str, raw: str) -> Profiled:
             continue
         count = int(count_text)
         frames = [_short(frame) for frame in stack.split(";")]
+        if frames[-1].startswith(WAITING_LEAVES):
+            continue
         samples += count
         own[frames[-1]] += count
         for frame in set(frames):
