@@ -2,9 +2,10 @@
 write bench/results/<date>.md and .json, print the table, take everything down again.
 
     python -m bench                      # the full run, under 10 minutes
-    python -m bench --quick              # a smoke run, under 90 s
+    python -m bench --quick              # a smoke run, under 2 minutes
     python -m bench --only latency       # some scenarios only (repeat or comma-separate)
     python -m bench --env DATABASE_CONN_MAX_AGE=0    # run Grizz with other settings
+    python -m bench --profile            # also: where web and worker spend CPU (py-spy)
 
 BENCH_POSTGRES_URL names the PostgreSQL server and an existing database to connect to for
 creating and dropping the bench's own (default postgresql://postgres@127.0.0.1:5432/postgres).
@@ -32,15 +33,16 @@ from bench.deployment import (
     Deployment,
     DeploymentError,
 )
+from bench.fleet import Fleet
 from bench.load import SocketPool
 from bench.procstat import machine_describe
 from bench.report import Row, ScenarioResult, main_table, today, write
-from bench.scenarios import SCENARIOS
+from bench.scenarios import DEFAULT, SCENARIOS
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a fast smoke run (< 90 s)")
+    parser.add_argument("--quick", action="store_true", help="a fast smoke run (< 2 minutes)")
     parser.add_argument(
         "--only",
         action="append",
@@ -57,7 +59,20 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="NAME=VALUE",
         help="an environment variable for the Grizz processes",
     )
+    parser.add_argument(
+        "--load-procs",
+        type=int,
+        default=LOAD_PROCS,
+        help="processes the load generator is spread over (default %(default)s)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile web and worker with py-spy in a phase of their own (needs py-spy)",
+    )
     args = parser.parse_args(argv)
+    if args.load_procs < 1:
+        parser.error("--load-procs takes a number ≥ 1")
     args.only = [name for item in args.only for name in item.split(",") if name]
     unknown = set(args.only) - set(SCENARIOS)
     if unknown:
@@ -65,6 +80,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if any("=" not in item for item in args.env):
         parser.error("--env takes NAME=VALUE")
     return args
+
+
+# The load generator's processes. More than the cores: a process's event-loop lag grows with
+# the frames it handles per loop iteration, so smaller shares keep each one punctual.
+LOAD_PROCS = 3
 
 
 def _fd_limit_raise() -> int:
@@ -82,14 +102,15 @@ def _sigterm_to_interrupt(signum: int, frame: FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     profile = QUICK if args.quick else FULL
-    names = args.only or list(SCENARIOS)
+    names = args.only or list(DEFAULT)
+    if args.profile and "profile" not in names:
+        names.append("profile")
     signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
     fd_limit = _fd_limit_raise()
     budget = Budget(profile.budget_s, profile.teardown_reserve_s)
     extra_env = dict(item.split("=", 1) for item in args.env)
     deployment = Deployment(
         conversations=profile.conversations,
-        worker_concurrency=profile.worker_concurrency,
         extra_env=extra_env,
         admin_url=os.environ.get("BENCH_POSTGRES_URL", DEFAULT_POSTGRES_URL),
     )
@@ -100,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": " ".join(["python -m bench", *(sys.argv[1:] if argv is None else argv)]),
         "scenarios_run": names,
         "grizz_settings_changed": {**BENCH_SETTINGS, **extra_env},
-        "worker_concurrency": profile.worker_concurrency,
+        "load_generator_processes": args.load_procs,
         "conversations_seeded": profile.conversations,
         "fd_limit": fd_limit,
     }
@@ -108,11 +129,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         print(f"bench: starting a private deployment (logs in {deployment.logs})", flush=True)
         deployment.start()
+        run["worker_concurrency"] = f"{deployment.worker_concurrency} (its default)"
         run["setup_s"] = round(budget.elapsed(), 1)
         run["machine"] = machine_describe(
             redis_url=deployment.redis_url, postgres_version=deployment.postgres_version
         )
-        asyncio.run(_scenarios_run(deployment, profile, budget, names, results, run))
+        fleet = Fleet(procs=args.load_procs, model_url=deployment.model_url)
+        try:
+            fleet.start()
+            ctx_args = (deployment, profile, budget, fleet, args.profile)
+            asyncio.run(_scenarios_run(ctx_args, names, results, run))
+        finally:
+            fleet.close()
         failed = False
     except KeyboardInterrupt:
         print("bench: interrupted; tearing down", file=sys.stderr)
@@ -147,15 +175,15 @@ def _finish(
 
 
 async def _scenarios_run(
-    deployment: Deployment,
-    profile: Profile,
-    budget: Budget,
+    ctx_args: tuple[Deployment, Profile, Budget, Fleet, bool],
     names: list[str],
     results: list[ScenarioResult],
     run: dict[str, object],
 ) -> None:
+    deployment, profile, budget, fleet, profiling = ctx_args
     control = aioredis.Redis.from_url(deployment.redis_url, decode_responses=True)
-    ctx = Context(deployment, profile, budget, SocketPool(deployment), control)
+    pool = SocketPool(deployment)
+    ctx = Context(deployment, profile, budget, pool, control, fleet, profiling)
     try:
         await _self_check(ctx)
         for name in names:

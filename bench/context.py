@@ -9,7 +9,8 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from bench.config import Budget, Profile
-from bench.deployment import Deployment
+from bench.deployment import Deployment, Seed
+from bench.fleet import Fleet
 from bench.load import ChatClient, SocketPool
 from bench.meter import Meter
 from bench.procstat import process_cpu_s
@@ -27,6 +28,8 @@ class Context:
     budget: Budget
     pool: SocketPool
     redis: aioredis.Redis
+    fleet: Fleet
+    profiling: bool = False  # --profile: py-spy attaches in a phase of its own
     used: int = 0  # sockets [0, used) belong to earlier scenarios
     open_rate: float = 0.0  # sockets per second the web process accepted lately
     quiesce_log: list[dict[str, object]] = field(default_factory=list)
@@ -41,12 +44,26 @@ class Context:
         self.used = start + count
         return self.pool.clients[start : start + count]
 
+    def seeds(self, count: int) -> list[Seed]:
+        """`count` conversations no earlier scenario used, for sockets the fleet opens."""
+        start = self.pool.next_seed
+        seeds = self.deployment.seeds[start : start + count]
+        if len(seeds) < count:
+            raise RuntimeError(f"{count} more conversations wanted, {len(seeds)} seeded left")
+        self.pool.next_seed += count
+        return seeds
+
+    def urls(self, count: int) -> list[str]:
+        return [self.deployment.ws_url(seed) for seed in self.seeds(count)]
+
     async def close_sockets(self) -> None:
         await self.pool.close_all()
         self.used = 0
 
     def meter(self) -> Meter:
-        return Meter(self.deployment.cpu_readers())
+        """CPU of every process of ours: Grizz's, Redis, PostgreSQL, the model server, the
+        bench and (summed, as "load") the load generator's processes."""
+        return Meter({**self.deployment.cpu_readers(), "load": self.fleet.cpu_s})
 
     async def commandstats(self) -> dict[str, int]:
         """Calls per command since the last reset, without the bench's own commands."""

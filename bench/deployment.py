@@ -168,12 +168,11 @@ class Deployment:
         self,
         *,
         conversations: int,
-        worker_concurrency: int,
         extra_env: dict[str, str],
         admin_url: str = DEFAULT_POSTGRES_URL,
     ) -> None:
         self.conversations = conversations
-        self.worker_concurrency = worker_concurrency
+        self.worker_concurrency = 0  # the worker's own default, read from its log at start
         self.extra_env = extra_env
         self.admin_url = admin_url
         self.db_name = f"{DB_PREFIX}{os.getpid()}"
@@ -206,6 +205,8 @@ class Deployment:
         self.seeds = self._seed(env)
         self.services["web"].wait_for(r"Listening on TCP address")
         self.services["worker"].wait_for(r"worker \S+: ready")
+        started = self.services["worker"].wait_for(r"started, concurrency (\d+)")
+        self.worker_concurrency = int(started.group(1))
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Service:
         service = Service(name, args, env=env or dict(os.environ), logs=self.logs)
@@ -268,7 +269,9 @@ class Deployment:
 
     def _worker_start(self, env: dict[str, str], key: str = "worker", name: str = "") -> Service:
         args = [sys.executable, "manage.py", "run_llm_worker", "--name", name or "bench-worker-1"]
-        args += ["--concurrency", str(self.worker_concurrency), "--grace", "3"]
+        # No --concurrency: the worker runs as a user gets it (its default, read from the
+        # log line it starts with, is stated in the results).
+        args += ["--grace", "3"]
         return self._spawn(key, args, env)
 
     def worker_start(self, key: str, name: str, env: dict[str, str] | None = None) -> Service:

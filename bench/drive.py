@@ -44,11 +44,16 @@ class Outcome:
     window_end_ns: int
 
 
-async def run_plan(turners: Sequence[Turner], plan: Plan, *, seed: int = 1) -> Outcome:
+async def run_plan(
+    turners: Sequence[Turner], plan: Plan, *, seed: int = 1, start_ns: int | None = None
+) -> Outcome:
     """Slot i rotates over turners i, i+C, i+2C...: with more turners than slots, one
-    conversation's history does not grow with every turn of a long run."""
+    conversation's history does not grow with every turn of a long run. `start_ns` (a
+    CLOCK_MONOTONIC instant, shared by all processes) lets the load generator's processes
+    run one plan on one clock."""
     rng = random.Random(seed)
-    now = time.monotonic_ns()
+    now = time.monotonic_ns() if start_ns is None else start_ns
+    await sleep_until(now)
     start, end = now + int(plan.stagger_s * 1e9), now + int((plan.stagger_s + plan.window_s) * 1e9)
     outcome = Outcome([], [], [], start, end)
     slots = [
@@ -84,3 +89,28 @@ async def _slot(
 
 def _enough(plan: Plan, counted: list[Turn]) -> bool:
     return plan.max_turns is not None and len(counted) >= plan.max_turns
+
+
+async def run_burst(
+    turners: Sequence[Turner], shape: ReplyShape, instants: Sequence[int]
+) -> Outcome:
+    """Every turner sends at each instant (CLOCK_MONOTONIC ns) at once: what a page reload
+    of many users, or a broadcast prompt, does. Each round waits for all its replies; every
+    turn counts. A turner whose turn failed sits out the later rounds."""
+    outcome = Outcome([], [], [], instants[0] if instants else 0, 0)
+    live = list(turners)
+    timeout = shape.duration_s + TURN_SLACK_S
+    for instant in instants:
+        await sleep_until(instant)
+        turns = await asyncio.gather(*(t.turn(shape.message(), timeout) for t in live))
+        outcome.turns += turns
+        outcome.every += turns
+        live = [t for t, turn in zip(live, turns, strict=True) if not turn.error]
+    outcome.window_end_ns = time.monotonic_ns()
+    return outcome
+
+
+async def sleep_until(instant_ns: int) -> None:
+    delay = (instant_ns - time.monotonic_ns()) / 1e9
+    if delay > 0:
+        await asyncio.sleep(delay)

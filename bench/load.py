@@ -14,7 +14,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import httpx2
 import openai
+import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
@@ -186,7 +188,10 @@ class SocketPool:
 
 
 class DirectClient:
-    """The baseline: the same request, straight to the model server."""
+    """The baseline: the same request, straight to the model server, read the way Grizz's
+    worker reads it (llmworker/providers.py): the SDK's raw streaming response, its lines,
+    orjson per `data:` line. The SDK's parsed stream (a pydantic object per chunk, ~230 µs)
+    would make the baseline, not Grizz, the limit at a few thousand chunks per second."""
 
     def __init__(self, client: openai.AsyncOpenAI) -> None:
         self.client = client
@@ -197,22 +202,31 @@ class DirectClient:
             await asyncio.wait_for(self._stream(turn, text), timeout)
         except TimeoutError:
             turn.error = f"no end of stream within {timeout:.0f} s"
-        except openai.OpenAIError as error:
+        except (openai.OpenAIError, httpx2.HTTPError, orjson.JSONDecodeError) as error:
             turn.error = f"{type(error).__name__}: {error}"
         return turn
 
     async def _stream(self, turn: Turn, text: str) -> None:
-        stream = await self.client.chat.completions.create(
+        request = self.client.chat.completions.with_streaming_response.create(
             model="bench-model",
             messages=[{"role": "user", "content": text}],
             stream=True,
             stream_options={"include_usage": True},
         )
         seq = 0
-        async with stream:
-            async for event in stream:
+        async with request as response:
+            async for line in response.iter_lines():
+                if not line.startswith("data:"):
+                    continue
                 t_recv = time.monotonic_ns()
-                text_part = "".join(c.delta.content or "" for c in event.choices if c.delta)
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                event = orjson.loads(data)
+                text_part = "".join(
+                    (choice.get("delta") or {}).get("content") or ""
+                    for choice in event.get("choices") or ()
+                )
                 if text_part:
                     seq += 1
                     turn.deltas.append((t_recv, seq, text_part))
@@ -220,11 +234,7 @@ class DirectClient:
         turn.content = "".join(part for _, _, part in turn.deltas)
 
 
-def direct_clients(
-    deployment: Deployment, count: int
-) -> tuple[openai.AsyncOpenAI, list[DirectClient]]:
+def direct_clients(model_url: str, count: int) -> tuple[openai.AsyncOpenAI, list[DirectClient]]:
     """`count` baseline turners sharing one AsyncOpenAI client, as the worker does."""
-    client = openai.AsyncOpenAI(
-        api_key="bench-key", base_url=deployment.model_url, max_retries=0, timeout=120
-    )
+    client = openai.AsyncOpenAI(api_key="bench-key", base_url=model_url, max_retries=0, timeout=120)
     return client, [DirectClient(client) for _ in range(count)]

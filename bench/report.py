@@ -76,7 +76,8 @@ def markdown(run: dict[str, object], results: list[ScenarioResult]) -> str:
         "server, load generator) ran on this machine, shared with other users. Grizz settings "
         "changed from their defaults: "
         + (", ".join(f"`{k}={v}`" for k, v in settings.items()) or "none")
-        + ".",
+        + f". Worker concurrency: {run.get('worker_concurrency', 'default')}. Load generator: "
+        f"{run.get('load_generator_processes', 1)} processes besides the bench's own.",
         "",
         *main_table(results),
     ]

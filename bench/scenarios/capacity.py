@@ -3,8 +3,17 @@ tokens/s, a new message 0-0.2 s after each reply) served with p99 per-token late
 50 ms and no failed turn. Steps go up the profile's list and stop at the first failure (then
 one step halfway back, when there is time) or when the time budget runs out.
 
+Every step runs the same load twice, as in the latency scenario: first straight to the model
+server (the load generator's direct clients read the stream as Grizz's worker does), then
+through Grizz's sockets; both through the load generator's processes (bench/fleet.py). The
+direct run shows what the machine, the model server and the load generator carry by
+themselves at that count; its clients' event-loop lag says whether the load generator kept
+up. When the steps end below the target, one more direct run at the target count shows that
+the bench itself could have carried the target load.
+
 Each step also gives the CPU seconds the web and worker processes spent per 1,000 tokens
-delivered, over the whole step (so the per-turn work, transactions and queue, is included).
+delivered, over the whole step (so the per-turn work, transactions and queue, is included);
+the fixed-load figures of issue 10 are the `cpu` scenario's.
 """
 
 import math
@@ -13,43 +22,84 @@ from dataclasses import dataclass
 
 from bench.analysis import Analysis
 from bench.context import Context
-from bench.drive import Outcome, Plan, run_plan
-from bench.load import ChatClient, Turn
+from bench.drive import Outcome, Plan
+from bench.fleet import Played
+from bench.load import Turn
 from bench.meter import Usage
 from bench.report import Row, ScenarioResult, Section
 
 TOKEN_P99_LIMIT_MS = 50.0
-CAPACITY_TARGET = 500
+CAPACITY_TARGET = 300
+CLIENT_LAG_TARGET_MS = 5.0
 ROUND_TO = 50
 SMALLEST = 5
+OPEN_PARALLEL = 32  # handshakes in flight while the step's sockets open
+GROUP = "capacity"
+
+
+@dataclass
+class Run:
+    """One path's run of a step's load."""
+
+    analysis: Analysis
+    usage: Usage
+    played: Played
+    tokens: int  # delivered during the whole run
+
+    def cpu_per_1000(self, name: str) -> float:
+        return self.usage.cpu_s.get(name, math.nan) / max(self.tokens, 1) * 1000
+
+    @property
+    def client_lag_p99(self) -> float:
+        return self.played.lag.p99
 
 
 @dataclass
 class Step:
     conversations: int
-    analysis: Analysis
-    usage: Usage
-    tokens: int  # delivered during the whole step
+    direct: Run
+    grizz: Run
     passed: bool
     reason: str
 
+    @property
+    def analysis(self) -> Analysis:
+        return self.grizz.analysis
+
+    @property
+    def usage(self) -> Usage:
+        return self.grizz.usage
+
+    @property
+    def tokens(self) -> int:
+        return self.grizz.tokens
+
     def cpu_per_1000(self, name: str) -> float:
-        return self.usage.cpu_s.get(name, math.nan) / max(self.tokens, 1) * 1000
+        return self.grizz.cpu_per_1000(name)
 
 
 async def run(ctx: Context) -> ScenarioResult:
-    mine: list[ChatClient] = []
+    opened = 0
     steps: list[Step] = []
     budget_hit = False
-    for count in _candidates(ctx.profile.capacity_steps, steps):
-        if ctx.budget.remaining() < _step_seconds(ctx, count, len(mine)):
-            budget_hit = True
-            break
-        if count > len(mine):
-            mine += await ctx.sockets(count - len(mine))
-        steps.append(await _step(ctx, mine[:count]))
-        ctx.check_alive()
-    return _result(steps, budget_hit)
+    try:
+        for count in _candidates(ctx.profile.capacity_steps, steps):
+            if ctx.budget.remaining() < _step_seconds(ctx, count, opened):
+                budget_hit = True
+                break
+            if count > opened:
+                await ctx.fleet.open(GROUP, ctx.urls(count - opened), parallel=OPEN_PARALLEL)
+                opened = count
+            steps.append(await _step(ctx, count))
+            ctx.check_alive()
+        reach = None
+        best = max((s.conversations for s in steps if s.passed), default=0)
+        check = ctx.profile.capacity_check
+        if best < check and ctx.budget.remaining() > _phase_seconds(ctx) + 5:
+            reach = await _path_run(ctx, check, group=None)
+    finally:
+        await ctx.fleet.close_group(GROUP)
+    return _result(steps, budget_hit, reach, ctx.profile.capacity_check)
 
 
 def _candidates(ladder: tuple[int, ...], steps: list[Step]) -> Iterator[int]:
@@ -75,28 +125,38 @@ def _candidates(ladder: tuple[int, ...], steps: list[Step]) -> Iterator[int]:
             yield middle
 
 
+def _phase_seconds(ctx: Context) -> float:
+    shape = ctx.profile.capacity_shape
+    return shape.duration_s * 2 + ctx.profile.capacity_window_s + 2
+
+
 def _step_seconds(ctx: Context, count: int, open_now: int) -> float:
     opening = max(count - open_now, 0) / (ctx.open_rate or 20)
+    return opening + 2 * _phase_seconds(ctx)
+
+
+def _plan(ctx: Context, count: int) -> Plan:
     shape = ctx.profile.capacity_shape
-    return opening + shape.duration_s * 2 + ctx.profile.capacity_window_s + 2
-
-
-async def _step(ctx: Context, sockets: list[ChatClient]) -> Step:
-    plan = Plan(
-        ctx.profile.capacity_shape,
-        len(sockets),
-        ctx.profile.capacity_window_s,
-        stagger_s=ctx.profile.capacity_shape.duration_s,
-        think_s=(0.0, 0.2),
+    return Plan(
+        shape, count, ctx.profile.capacity_window_s, stagger_s=shape.duration_s, think_s=(0, 0.2)
     )
-    await ctx.quiesce(f"capacity {len(sockets)}")
+
+
+async def _path_run(ctx: Context, count: int, *, group: str | None) -> Run:
+    """`count` conversations of the step's load on one path (group None: direct)."""
+    await ctx.quiesce(f"capacity {count} {'direct' if group is None else 'Grizz'}")
     async with ctx.meter() as meter:
-        outcome = await run_plan(sockets, plan)
+        played = await ctx.fleet.play(_plan(ctx, count), group=group, seed=count)
     assert meter.usage is not None
-    analysis = Analysis.of_outcome(outcome, ctx.profile.capacity_shape)
-    p99 = analysis.per_token().p99
-    reason = _failure(analysis, p99)
-    return Step(len(sockets), analysis, meter.usage, _tokens(outcome), not reason, reason)
+    analysis = Analysis.of_outcome(played.outcome, ctx.profile.capacity_shape)
+    return Run(analysis, meter.usage, played, _tokens(played.outcome))
+
+
+async def _step(ctx: Context, count: int) -> Step:
+    direct = await _path_run(ctx, count, group=None)
+    grizz = await _path_run(ctx, count, group=GROUP)
+    reason = _failure(grizz.analysis, grizz.analysis.per_token().p99)
+    return Step(count, direct, grizz, not reason, reason)
 
 
 def _failure(analysis: Analysis, p99: float) -> str:
@@ -119,7 +179,7 @@ def _turn_tokens(turn: Turn) -> int:
     return max(words - 1, 0)
 
 
-def _result(steps: list[Step], budget_hit: bool) -> ScenarioResult:
+def _result(steps: list[Step], budget_hit: bool, reach: Run | None, check: int) -> ScenarioResult:
     result = ScenarioResult("Capacity")
     passed = [s for s in steps if s.passed]
     failed = [s for s in steps if not s.passed]
@@ -139,60 +199,97 @@ def _result(steps: list[Step], budget_hit: bool) -> ScenarioResult:
             bool(best and best.conversations >= CAPACITY_TARGET),
         )
     )
+    result.rows += _floor_rows(steps, reach, check)
     reference = best or (steps[0] if steps else None)
     if reference is not None:
-        for name in ("web", "worker"):
+        for name in ("web", "worker", "redis"):
             result.rows.append(
                 Row(
                     f"CPU seconds per 1,000 streamed tokens, {name} "
-                    f"({reference.conversations} conversations)",
+                    f"({reference.conversations} conversations, whole step)",
                     f"{reference.cpu_per_1000(name):.3f} s",
                 )
             )
-    result.sections.append(_table(steps))
-    result.data = {"steps": [_step_data(s) for s in steps], "budget_hit": budget_hit}
+    result.sections.append(_table(steps, reach, check))
+    result.data = {
+        "steps": [_step_data(s) for s in steps],
+        "budget_hit": budget_hit,
+        "direct_at_target": _run_data(reach) if reach else None,
+    }
     return result
 
 
-def _table(steps: list[Step]) -> Section:
+def _floor_rows(steps: list[Step], reach: Run | None, check: int) -> list[Row]:
+    """Whether the bench could carry the target load itself: the direct path at the target
+    count (the largest step at or above it, else the extra run), client lag and failures."""
+    at_target = [s for s in steps if s.conversations >= check]
+    run, count = (at_target[0].direct, at_target[0].conversations) if at_target else (reach, check)
+    if run is None:
+        return [Row(f"Direct path at {count} conversations", "not run (time budget)")]
+    a = run.analysis
+    tokens = a.per_token()
+    failed = f", {len(a.problems)} failed turns" if a.problems else ""
+    return [
+        Row(
+            f"Load generator and model server alone: direct path at {count} conversations, "
+            "client event-loop lag p99",
+            f"{run.client_lag_p99:.1f} ms (per-token p50 {tokens.p50:.1f} / p99 "
+            f"{tokens.p99:.1f} ms{failed})",
+            f"≤ {CLIENT_LAG_TARGET_MS:g} ms, no failed turn",
+            run.client_lag_p99 <= CLIENT_LAG_TARGET_MS and not a.problems,
+        )
+    ]
+
+
+def _table(steps: list[Step], reach: Run | None, check: int) -> Section:
     headers = [
-        "Conversations", "Verdict", "Tokens/s", "Per token p50/p99/max", "TTFT p50/p99",
-        "Gap excess p99", "Model late p99", "CPU s/1k tokens web/worker",
-        "CPU cores web/worker/model/redis/bench", "Other CPU cores", "Bench loop lag p99",
+        "Conversations", "Path", "Verdict", "Tokens/s", "Per token p50/p99/max", "TTFT p50/p99",
+        "Gap excess p99", "Model late p99", "CPU s/1k tokens web/worker/redis",
+        "CPU cores web/worker/redis/model/load", "Other CPU cores", "Client loop lag p99",
     ]  # fmt: skip
     rows = []
     for s in steps:
-        a, u = s.analysis, s.usage
-        tok, ttft = a.per_token(), a.ttft()
-        cores = "/".join(
-            f"{u.cpu_s.get(n, 0) / u.wall_s:.2f}"
-            for n in ("web", "worker", "model", "redis", "bench")
-        )
-        rows.append(
-            [
-                str(s.conversations),
-                "pass" if s.passed else f"fail: {s.reason}",
-                f"{s.tokens / u.wall_s:.0f}",
-                f"{tok.p50:.1f} / {tok.p99:.1f} / {tok.max:.0f}",
-                f"{ttft.p50:.0f} / {ttft.p99:.0f}",
-                f"{a.gap_excess().p99:.1f}",
-                f"{a.field('lateness').p99:.1f}",
-                f"{s.cpu_per_1000('web'):.3f} / {s.cpu_per_1000('worker'):.3f}",
-                cores,
-                f"{u.other_cpu_s / u.wall_s:.2f}",
-                f"{u.loop_lag.p99:.1f}",
-            ]
-        )
+        rows.append(_run_row(str(s.conversations), "direct", "", s.direct))
+        verdict = "pass" if s.passed else f"fail: {s.reason}"
+        rows.append(_run_row(str(s.conversations), "Grizz", verdict, s.grizz))
+    if reach is not None:
+        rows.append(_run_row(str(check), "direct", "(the target load)", reach))
     return Section("Steps (times in ms)", headers, rows)
 
 
-def _step_data(step: Step) -> dict[str, object]:
-    a = step.analysis
+def _run_row(count: str, path: str, verdict: str, r: Run) -> list[str]:
+    a, u = r.analysis, r.usage
+    tok, ttft = a.per_token(), a.ttft()
+    cores = "/".join(
+        f"{u.cpu_s.get(n, 0) / u.wall_s:.2f}" for n in ("web", "worker", "redis", "model", "load")
+    )
+    per_1k = (
+        "—"
+        if path == "direct"
+        else "/".join(f"{r.cpu_per_1000(n):.3f}" for n in ("web", "worker", "redis"))
+    )
+    if path == "direct" and a.problems:
+        verdict = f"{len(a.problems)} failed ({a.problems[0]})"
+    return [
+        count,
+        path,
+        verdict,
+        f"{r.tokens / u.wall_s:.0f}",
+        f"{tok.p50:.1f} / {tok.p99:.1f} / {tok.max:.0f}",
+        f"{ttft.p50:.0f} / {ttft.p99:.0f}",
+        f"{a.gap_excess().p99:.1f}",
+        f"{a.field('lateness').p99:.1f}",
+        per_1k,
+        cores,
+        f"{u.other_cpu_s / u.wall_s:.2f}",
+        f"{r.client_lag_p99:.1f}",
+    ]
+
+
+def _run_data(r: Run) -> dict[str, object]:
+    a = r.analysis
     return {
-        "conversations": step.conversations,
-        "passed": step.passed,
-        "reason": step.reason,
-        "tokens": step.tokens,
+        "tokens": r.tokens,
         "turns": len(a.timings),
         "failed": a.problems[:20],
         "per_token": a.per_token().as_dict(),
@@ -200,6 +297,19 @@ def _step_data(step: Step) -> dict[str, object]:
         "gap_excess": a.gap_excess().as_dict(),
         "model_lateness": a.field("lateness").as_dict(),
         "frames_per_turn": a.frames() / max(len(a.timings), 1),
-        "cpu_s_per_1000_tokens": {n: step.cpu_per_1000(n) for n in ("web", "worker", "model")},
-        "usage": step.usage.as_dict(),
+        "cpu_s_per_1000_tokens": {
+            n: r.cpu_per_1000(n) for n in ("web", "worker", "redis", "model", "load")
+        },
+        "client_loop_lag": r.played.lag.as_dict(),
+        "usage": r.usage.as_dict(),
+    }
+
+
+def _step_data(step: Step) -> dict[str, object]:
+    return {
+        "conversations": step.conversations,
+        "passed": step.passed,
+        "reason": step.reason,
+        "direct": _run_data(step.direct),
+        "grizz": _run_data(step.grizz),
     }

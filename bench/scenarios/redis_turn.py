@@ -9,12 +9,17 @@ Redis. The delta batches are the delta frames a socket received.
 What is fixed per turn and what comes with each batch is not assumed from Grizz's code but
 measured: a second, short round (20-token replies) gives a second point, and the line
 through both, sent = fixed + k * batches, gives both numbers.
+
+MONITOR lists a script call (EVALSHA) before the commands it runs, and Redis runs one
+command at a time, so each `lua` line belongs to the script call listed last: that gives
+the commands run inside each call, by script. The per-batch emit script is the script
+called most often (once per delta batch); its commands per call are a figure of their own.
 """
 
 import asyncio
 import contextlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
@@ -27,10 +32,29 @@ from bench.protocol import ReplyShape
 from bench.report import Row, ScenarioResult, Section
 
 BACKGROUND_S = 3.0
-FIXED_TARGET = 10
+FIXED_TARGET = 8
 PER_BATCH_TARGET = 1.0
+INSIDE_SCRIPT_TARGET = 4  # commands run inside the per-batch emit script, per call
+SCRIPT_CALLS = {"evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro"}
 PER_BATCH_NOISE = 0.05  # timer-driven worker chores (lease renewal) land in any window
 SHAPE_SHORT = ReplyShape(ttft_ms=SHAPE_TURN.ttft_ms, tokens=20, interval_ms=SHAPE_TURN.interval_ms)
+
+
+@dataclass
+class Script:
+    """The calls of one Lua script (by SHA) and the commands they ran inside Redis."""
+
+    calls: int = 0
+    inside: Counter[str] = field(default_factory=Counter)
+    per_call: Counter[int] = field(default_factory=Counter)  # commands inside -> calls
+
+    @property
+    def inside_per_call(self) -> float:
+        return sum(self.inside.values()) / max(self.calls, 1)
+
+    @property
+    def most_inside(self) -> int:
+        return max(self.per_call, default=0)
 
 
 @dataclass
@@ -41,6 +65,7 @@ class Counted:
     turns: int
     calls: dict[str, int]
     script_calls: Counter[str]
+    scripts: dict[str, Script]  # by SHA (its first 8 characters)
     connections: int  # new connections Redis accepted meanwhile
 
     def per_turn(self, n: float) -> float:
@@ -57,6 +82,10 @@ class Counted:
     @property
     def batches(self) -> float:
         return self.per_turn(self.analysis.frames())
+
+    def emit_script(self) -> tuple[str, Script] | None:
+        """The per-batch script: the one called most often."""
+        return max(self.scripts.items(), key=lambda item: item[1].calls, default=None)
 
 
 async def run(ctx: Context) -> ScenarioResult:
@@ -81,9 +110,10 @@ async def _counted(
     ctx: Context, clients: list[ChatClient], shape: ReplyShape, rounds: int
 ) -> Counted:
     script_calls: Counter[str] = Counter()
+    scripts: dict[str, Script] = {}
     started = asyncio.Event()
     url = ctx.deployment.redis_url
-    monitor = asyncio.create_task(_count_script_calls(url, script_calls, started))
+    monitor = asyncio.create_task(_count_script_calls(url, script_calls, scripts, started))
     await asyncio.wait_for(started.wait(), 10)
     await ctx.commandstats_reset()
     connections = await _connections_received(ctx)
@@ -97,7 +127,8 @@ async def _counted(
     monitor.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await monitor
-    return Counted(Analysis.of(turns, shape), len(turns), calls, script_calls, connections)
+    analysis = Analysis.of(turns, shape)
+    return Counted(analysis, len(turns), calls, script_calls, scripts, connections)
 
 
 async def _connections_received(ctx: Context) -> int:
@@ -105,15 +136,34 @@ async def _connections_received(ctx: Context) -> int:
     return int(stats["total_connections_received"])
 
 
-async def _count_script_calls(url: str, counts: Counter[str], started: asyncio.Event) -> None:
+async def _count_script_calls(
+    url: str, counts: Counter[str], scripts: dict[str, Script], started: asyncio.Event
+) -> None:
     client = aioredis.Redis.from_url(url, decode_responses=True)
+    current: Script | None = None  # the script call MONITOR listed last
+    inside = 0
     try:
         async with client.monitor() as monitor:
             started.set()
             async for command in monitor.listen():
+                words = command["command"].split(" ", 2)
+                name = words[0].lower()
                 if command.get("client_type") == "lua":
-                    counts[command["command"].split(" ", 1)[0].lower()] += 1
+                    counts[name] += 1
+                    if current is not None:
+                        current.inside[name] += 1
+                        inside += 1
+                    continue
+                if current is not None:
+                    current.per_call[inside] += 1
+                    current = None
+                if name in SCRIPT_CALLS and len(words) > 1:
+                    current = scripts.setdefault(words[1][:8], Script())
+                    current.calls += 1
+                    inside = 0
     finally:
+        if current is not None:
+            current.per_call[inside] += 1
         await client.aclose()
 
 
@@ -141,6 +191,7 @@ def _result(long: Counted, short: Counted, idle_per_s: float) -> ScenarioResult:
             and per_batch <= PER_BATCH_TARGET + PER_BATCH_NOISE,
         )
     )
+    result.rows.append(_inside_row(long))
     if problems:
         result.notes.append(f"{len(problems)} turns failed: {problems[:3]}")
     result.notes.append(
@@ -153,7 +204,7 @@ def _result(long: Counted, short: Counted, idle_per_s: float) -> ScenarioResult:
         f"the long round, {short.per_turn(short.connections):.2f} in the short one after it "
         "(a new connection starts with HELLO: pools growing, or connections not reused)."
     )
-    result.sections.append(_breakdown(long))
+    result.sections += [_breakdown(long), _scripts_table(long)]
     result.data = {
         "long": _data(long),
         "short": _data(short),
@@ -168,6 +219,15 @@ def _data(counted: Counted) -> dict[str, object]:
         "turns": counted.turns,
         "calls": counted.calls,
         "calls_inside_scripts": dict(counted.script_calls),
+        "scripts": {
+            sha: {
+                "calls": script.calls,
+                "inside": dict(script.inside),
+                "inside_per_call": script.inside_per_call,
+                "calls_by_commands_inside": {str(k): v for k, v in script.per_call.items()},
+            }
+            for sha, script in counted.scripts.items()
+        },
         "per_turn": {
             "sent": counted.sent,
             "total": counted.total,
@@ -189,3 +249,41 @@ def _breakdown(counted: Counted) -> Section:
     ]
     headers = ["Command", "Calls per turn", "Of which inside scripts"]
     return Section(f"Per {SHAPE_TURN.tokens}-token turn, by command", headers, rows)
+
+
+def _inside_row(counted: Counted) -> Row:
+    figure = "Redis commands run inside the per-batch emit script, per call"
+    found = counted.emit_script()
+    if found is None:
+        return Row(figure, "no script call seen", f"≤ {INSIDE_SCRIPT_TARGET}", False)
+    sha, script = found
+    by_command = ", ".join(
+        f"{name} {n / script.calls:.2f}" for name, n in script.inside.most_common()
+    )
+    return Row(
+        figure,
+        f"{script.inside_per_call:.2f} (max {script.most_inside}; {by_command}; script "
+        f"{sha}, {counted.per_turn(script.calls):.1f} calls per turn)",
+        f"≤ {INSIDE_SCRIPT_TARGET}",
+        script.inside_per_call <= INSIDE_SCRIPT_TARGET,
+    )
+
+
+def _scripts_table(counted: Counted) -> Section:
+    rows = [
+        [
+            sha,
+            f"{counted.per_turn(script.calls):.2f}",
+            f"{script.inside_per_call:.2f}",
+            ", ".join(f"{k}: {v}" for k, v in sorted(script.per_call.items())),
+            ", ".join(
+                f"{name} {n / max(script.calls, 1):.2f}" for name, n in script.inside.most_common()
+            ),
+        ]
+        for sha, script in sorted(counted.scripts.items(), key=lambda item: -item[1].calls)
+    ]
+    headers = [
+        "Script (SHA)", "Calls per turn", "Commands inside per call",
+        "Calls by commands inside (n: calls)", "Inside, per call, by command",
+    ]  # fmt: skip
+    return Section(f"Per {SHAPE_TURN.tokens}-token turn, by script call (MONITOR)", headers, rows)
