@@ -17,12 +17,16 @@ import os
 import sys
 from typing import Any
 
+from grizz.eventloop import event_loop_policy_install
+
+# Before daphne.server, which makes the event loop that Twisted's reactor runs on.
+event_loop_policy_install()
 # daphne.server installs Twisted's asyncio reactor: it must come before anything that
 # imports Twisted.
-from daphne.server import Server  # isort: skip
-from daphne.cli import CommandLineInterface
-from daphne.ws_protocol import WebSocketProtocol
-from django.conf import settings
+from daphne.server import Server  # isort: skip  # noqa: E402
+from daphne.cli import CommandLineInterface  # noqa: E402
+from daphne.ws_protocol import WebSocketProtocol  # noqa: E402
+from django.conf import settings  # noqa: E402
 
 
 class FrameLimitedWebSocketProtocol(WebSocketProtocol):

@@ -36,7 +36,7 @@ def envbool(name: str, default: bool) -> bool:
     raise ImproperlyConfigured(f"{name} must be a boolean (1/0, true/false), got {value!r}")
 
 
-def envint(name: str, default: int, *, minimum: int = 0) -> int:
+def envint(name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
     value = os.environ.get(name)
     if value is None or value == "":
         return default
@@ -46,6 +46,8 @@ def envint(name: str, default: int, *, minimum: int = 0) -> int:
         raise ImproperlyConfigured(f"{name} must be an integer, got {value!r}") from None
     if number < minimum:
         raise ImproperlyConfigured(f"{name} must be at least {minimum}, got {number}")
+    if maximum is not None and number > maximum:
+        raise ImproperlyConfigured(f"{name} must be at most {maximum}, got {number}")
     return number
 
 
@@ -262,7 +264,10 @@ LLM_DEMO_MODEL = "grizz-demo"
 LLM_REQUEST_TIMEOUT_SECONDS = envfloat("LLM_REQUEST_TIMEOUT_SECONDS", 60.0, minimum=1.0)
 # How long a reply's deltas stay replayable in Redis after the reply has finished.
 LLM_REPLAY_TTL_SECONDS = envint("LLM_REPLAY_TTL_SECONDS", 300, minimum=10)
-LLM_WORKER_CONCURRENCY = envint("LLM_WORKER_CONCURRENCY", 16, minimum=1)
+# Deltas of one reply less than this apart go out as one frame (fewer frames, less CPU per
+# token); a reply's first delta, and any that comes later than this, go at once. 0: none.
+LLM_DELTA_WINDOW_MS = envint("LLM_DELTA_WINDOW_MS", 0, minimum=0, maximum=30)
+LLM_WORKER_CONCURRENCY = envint("LLM_WORKER_CONCURRENCY", 512, minimum=1)
 # A job whose worker has not renewed its lease for this long is taken over by another worker.
 LLM_JOB_LEASE_SECONDS = envfloat("LLM_JOB_LEASE_SECONDS", 30.0, minimum=0.5)
 # Deliveries of one job (worker crashes included) before it goes to the dead-letter stream.

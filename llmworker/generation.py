@@ -12,7 +12,7 @@ import enum
 import logging
 import math
 import random
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -107,43 +107,6 @@ async def _next_chunk(chunks: AsyncGenerator[Chunk, None], watchdog: Watchdog) -
         return None
     watchdog.kick()
     return chunk
-
-
-class DeltaBatcher:
-    """Sends text as soon as it arrives, but never more than one send at a time: tokens that
-    arrive while a send is in flight go out together in the next one. No timer, so no added
-    latency when Redis keeps up, and fewer Redis calls when it does not."""
-
-    def __init__(self, send: Callable[[str], Awaitable[object]]) -> None:
-        self.send = send
-        self.pending: list[str] = []
-        self.sender: asyncio.Task[None] | None = None
-
-    def push(self, text: str) -> None:
-        self.pending.append(text)
-        if self.sender is None or self.sender.done():
-            self._raise_failure()
-            self.sender = asyncio.create_task(self._send_pending())
-
-    async def _send_pending(self) -> None:
-        while self.pending:
-            batch = "".join(self.pending)
-            self.pending.clear()
-            await self.send(batch)
-
-    def _raise_failure(self) -> None:
-        if self.sender is not None and self.sender.done():
-            self.sender.result()
-
-    async def flush(self) -> None:
-        if self.sender is not None:
-            await self.sender
-        if self.pending:
-            await self._send_pending()
-
-    def abort(self) -> None:
-        if self.sender is not None:
-            self.sender.cancel()
 
 
 def retry_delay(retry: int, retry_after: float | None) -> float:
@@ -302,23 +265,22 @@ class ReplyGeneration:
             await self.publisher.restart()
         self.parts.clear()
         self.usage = None
-        batcher = DeltaBatcher(self.publisher.delta)
         chunks = self.provider.stream(messages=start.prompt, model=start.model)
         try:
             while (chunk := await _next_chunk(chunks, watchdog)) is not None:
                 permit.succeeded()  # the provider answers: the waiting jobs may go
                 self.told_unavailable = False
-                self._take(chunk, batcher)
-            await batcher.flush()
+                self._take(chunk)
+            await self.publisher.deltas_flush()
         finally:
-            batcher.abort()
             # Ends the HTTP stream at once if we stop early (a failed send of deltas).
             await chunks.aclose()
 
-    def _take(self, chunk: Chunk, batcher: DeltaBatcher) -> None:
+    def _take(self, chunk: Chunk) -> None:
         if chunk.text:
             self.parts.append(chunk.text)
-            batcher.push(chunk.text)
+            # Sent without waiting: tokens that come while Redis is busy go out together.
+            self.publisher.delta_push(chunk.text)
             self.sent_any_delta = True
         if chunk.usage is not None:
             self.usage = chunk.usage

@@ -103,49 +103,91 @@ def _frame_parts(kind: str, job_id: str, **body: Any) -> tuple[str, str]:
 EmitCall = tuple[list[str], list[str | int]]  # the keys and args of one EMIT_SCRIPT call
 
 
+@dataclass
+class _Frame:
+    """A frame waiting to be sent. A delta stays open, taking more text, until it is sent."""
+
+    kind: str
+    body: dict[str, Any]
+    ttl: int | None = None
+    texts: list[str] | None = None  # a delta's text, joined when it goes out
+    waiter: asyncio.Future[int] | None = None  # made only when someone awaits the frame
+
+    def waited(self) -> asyncio.Future[int]:
+        if self.waiter is None:
+            self.waiter = asyncio.get_running_loop().create_future()
+        return self.waiter
+
+
 class FrameEmitter:
     """Sends the frames of every reply of a process to Redis, many per round trip.
 
-    Frames emitted while a batch is on its way wait and go out together in the next one, as
-    one pipeline of EVALSHA calls: a worker streaming many replies makes one socket write and
-    one read per batch instead of per frame (the write was its largest cost per token,
-    docs/performance.md). No timer: with nothing in flight a frame goes at once. A reply
-    awaits each of its frames before the next, so batching never reorders them."""
+    Each reply (ReplyPublisher) queues its frames here; one task sends what every reply has
+    queued as one pipeline of EVALSHA calls, and while that round is on its way, new frames
+    wait for the next: a worker streaming many replies makes one socket write and one read
+    per round instead of per token (the write was its largest cost per token,
+    docs/performance.md). Deltas that queue up behind a round merge into one frame. Rounds
+    go one at a time and a reply's frames keep their order inside each, so nothing is ever
+    reordered. No timer unless LLM_DELTA_WINDOW_MS asks for one: with nothing in flight a
+    frame goes at once."""
 
     def __init__(self, client: aioredis.Redis) -> None:
         self.redis = client
         self.sha = script_get(client, EMIT_SCRIPT).sha
-        self.waiting: list[tuple[EmitCall, asyncio.Future[int]]] = []
+        self.ready: dict[ReplyPublisher, None] = {}  # an ordered set: who has frames queued
         self.sender: asyncio.Task[None] | None = None
+        self.wakeup: asyncio.TimerHandle | None = None
 
-    def emit(self, keys: list[str], args: list[str | int]) -> asyncio.Future[int]:
-        """The seq the frame got (or -1, a superseded attempt), once Redis has it."""
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.waiting.append(((keys, args), future))
+    def publisher_ready(self, publisher: "ReplyPublisher") -> None:
+        self.ready[publisher] = None
         if self.sender is None or self.sender.done():
-            self.sender = asyncio.create_task(self._send_waiting())
-        return future
+            if self.wakeup is not None:
+                self.wakeup.cancel()
+                self.wakeup = None
+            self.sender = asyncio.create_task(self._send_rounds())
 
-    async def _send_waiting(self) -> None:
-        while self.waiting:
-            # A frame whose reply stopped waiting for it (cancelled) is not sent.
-            batch = [(call, future) for call, future in self.waiting if not future.done()]
-            self.waiting = []
-            try:
-                results = await self._evalsha_all([call for call, _ in batch])
-            except asyncio.CancelledError:
-                for _, future in [*batch, *self.waiting]:  # nobody may wait for ever
-                    future.cancel()
-                raise
-            except Exception as error:  # Redis unreachable: every frame of the batch failed
-                results = [error] * len(batch)
-            for (_, future), result in zip(batch, results, strict=True):
-                if future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    future.set_exception(result)
-                else:
-                    future.set_result(int(result))
+    async def _send_rounds(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.ready:
+            now = loop.time()
+            round_: list[tuple[ReplyPublisher, list[_Frame], list[EmitCall]]] = []
+            for publisher in list(self.ready):
+                frames, calls = publisher.frames_take(now)
+                if frames:
+                    round_.append((publisher, frames, calls))
+                if not publisher.outgoing:
+                    del self.ready[publisher]
+            if not round_:  # every reply left waits out its coalescing window
+                if not self.ready:
+                    return
+                due = min(publisher.window_ends_at() for publisher in self.ready)
+                self.wakeup = loop.call_at(due, self._wake)
+                return
+            await self._round_send(round_)
+
+    def _wake(self) -> None:
+        self.wakeup = None
+        if self.ready and (self.sender is None or self.sender.done()):
+            self.sender = asyncio.create_task(self._send_rounds())
+
+    async def _round_send(
+        self, round_: list[tuple["ReplyPublisher", list[_Frame], list[EmitCall]]]
+    ) -> None:
+        calls = [call for _, _, calls in round_ for call in calls]
+        try:
+            results: list[Any] = await self._evalsha_all(calls)
+        except asyncio.CancelledError:
+            for publisher, frames, _ in round_:  # nobody may wait for ever
+                publisher.frames_failed(frames, asyncio.CancelledError())
+            for publisher in self.ready:
+                publisher.frames_failed([], asyncio.CancelledError())
+            raise
+        except Exception as error:  # Redis unreachable: every frame of the round failed
+            results = [error] * len(calls)
+        at = 0
+        for publisher, frames, _ in round_:
+            publisher.frames_sent(frames, results[at : at + len(frames)])
+            at += len(frames)
 
     async def _evalsha_all(self, calls: list[EmitCall]) -> list[Any]:
         results = await self._pipeline(calls)
@@ -174,7 +216,10 @@ def frame_emitter_get(client: aioredis.Redis) -> FrameEmitter:
 
 class ReplyPublisher:
     """Emits the frames of one reply. A worker's publisher is fenced by its attempt number;
-    the web's (a queued reply cancelled before any worker took it) is not."""
+    the web's (a queued reply cancelled before any worker took it) is not.
+
+    Deltas are queued without waiting (`delta_push`); a failure to send one is raised by the
+    next push or by `deltas_flush`. Every other frame is awaited."""
 
     def __init__(
         self,
@@ -193,6 +238,11 @@ class ReplyPublisher:
         self.emitter = frame_emitter_get(client)
         self.next_seq: int | None = None  # None: unknown, the script finds it
         self.log_expiry_renewed_at = -math.inf
+        self.outgoing: list[_Frame] = []
+        self.in_flight: list[_Frame] = []
+        self.failure: BaseException | None = None  # of a delta nobody awaited
+        self.window = settings.LLM_DELTA_WINDOW_MS / 1000
+        self.last_delta_at: float | None = None  # loop time; None: the first is never held
 
     async def attempt_begin(self, attempt: int) -> AttemptStart:
         cancelled, last_seq = await script_get(self.redis, ATTEMPT_BEGIN_SCRIPT)(
@@ -207,21 +257,100 @@ class ReplyPublisher:
             await self.restart()
         return AttemptStart(cancelled=bool(cancelled))
 
+    # Queueing frames
+
+    def delta_push(self, text: str) -> None:
+        self._failure_raise()
+        last = self.outgoing[-1] if self.outgoing else None
+        if last is not None and last.texts is not None:
+            last.texts.append(text)
+        else:
+            self.outgoing.append(_Frame("delta", {}, texts=[text]))
+        self.emitter.publisher_ready(self)
+
+    async def deltas_flush(self) -> None:
+        """Wait until every delta pushed so far is in Redis."""
+        pending = self.outgoing or self.in_flight
+        if pending:
+            await pending[-1].waited()
+        self._failure_raise()
+
+    def _failure_raise(self) -> None:
+        failure, self.failure = self.failure, None
+        if failure is not None:
+            raise failure
+
     async def _emit(self, kind: str, *, ttl: int | None = None, **body: Any) -> int:
-        head, tail = _frame_parts(kind, self.job_id, **body)
+        frame = _Frame(kind, body, ttl=ttl)
+        self.outgoing.append(frame)
+        self.emitter.publisher_ready(self)
+        return await frame.waited()
+
+    # The emitter's side
+
+    def window_ends_at(self) -> float:
+        return -math.inf if self.last_delta_at is None else self.last_delta_at + self.window
+
+    def frames_take(self, now: float) -> tuple[list[_Frame], list[EmitCall]]:
+        """The frames to send in this round, and their script calls; none while a lone
+        delta waits out its coalescing window."""
+        if not self.outgoing:
+            return [], []
+        only_a_delta = len(self.outgoing) == 1 and self.outgoing[0].texts is not None
+        if only_a_delta and now < self.window_ends_at():
+            return [], []
+        frames, self.outgoing = self.outgoing, []
+        self.in_flight = frames
+        if frames[-1].texts is not None:
+            self.last_delta_at = now
+        return frames, [self._call(frame, index) for index, frame in enumerate(frames)]
+
+    def _call(self, frame: _Frame, index: int) -> EmitCall:
+        body = {"content": "".join(frame.texts)} if frame.texts is not None else frame.body
+        head, tail = _frame_parts(frame.kind, self.job_id, **body)
         fence = "" if self.attempt is None else str(self.attempt)
-        expiry = ttl if ttl is not None else self._running_expiry_due()
-        seq_guess, self.next_seq = self.next_seq, None  # unknown again if this call fails
-        seq = await self.emitter.emit(
-            [self.log_key, self.attempt_key],
-            [self.channel, head, tail, expiry or "", fence, seq_guess or ""],
-        )
-        if seq < 0:
-            raise StaleAttempt()
-        self.next_seq = seq + 1
+        expiry = frame.ttl if frame.ttl is not None else self._running_expiry_due()
         if expiry:
             self.log_expiry_renewed_at = time.monotonic()
-        return seq
+        # Frames of one round run in order, so each guesses the seq after the one before.
+        guess = "" if self.next_seq is None else self.next_seq + index
+        return [self.log_key, self.attempt_key], [
+            self.channel,
+            head,
+            tail,
+            expiry or "",
+            fence,
+            guess,
+        ]
+
+    def frames_sent(self, frames: list[_Frame], results: list[Any]) -> None:
+        self.in_flight = []
+        for index, (frame, result) in enumerate(zip(frames, results, strict=True)):
+            if isinstance(result, BaseException) or int(result) < 0:
+                failure = result if isinstance(result, BaseException) else StaleAttempt()
+                return self.frames_failed(frames[index:], failure)
+            self.next_seq = int(result) + 1
+            if frame.waiter is not None and not frame.waiter.done():
+                frame.waiter.set_result(int(result))
+
+    def frames_failed(self, frames: list[_Frame], failure: BaseException) -> None:
+        """These frames and every one queued after them are not sent: a reply's frames
+        must never have a gap."""
+        self.next_seq = None  # unknown again: the script finds it next time
+        self.log_expiry_renewed_at = -math.inf
+        self.in_flight = []
+        unsent, self.outgoing = [*frames, *self.outgoing], []
+        awaited = False
+        for frame in unsent:
+            if frame.waiter is None or frame.waiter.done():
+                continue
+            if isinstance(failure, asyncio.CancelledError):
+                frame.waiter.cancel()
+            else:
+                frame.waiter.set_exception(failure)
+            awaited = True
+        if not awaited:
+            self.failure = failure
 
     def _running_expiry_due(self) -> int | None:
         """The running log's expiry, set with the first frame and then every
@@ -231,6 +360,8 @@ class ReplyPublisher:
         return RUNNING_LOG_TTL_SECONDS
 
     async def delta(self, content: str) -> int:
+        """One delta on its own, awaited (the worker pushes its deltas instead)."""
+        await self.deltas_flush()
         return await self._emit("delta", content=content)
 
     async def restart(self) -> int:

@@ -8,6 +8,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandParser
 
+from grizz.eventloop import event_loop_policy_install
 from llmworker.worker import Worker
 
 
@@ -36,6 +37,7 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         multiprocessing.current_process().name = options["name"]  # shown in every log line
+        event_loop_policy_install()
         asyncio.run(self.run(options))
 
     async def run(self, options: dict[str, Any]) -> None:
