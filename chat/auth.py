@@ -10,7 +10,6 @@ from urllib.parse import parse_qs, urlsplit
 
 from asgiref.typing import ASGIReceiveCallable, ASGISendCallable
 from channels.auth import AuthMiddleware
-from channels.db import database_sync_to_async
 from channels.middleware import BaseMiddleware
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
@@ -18,6 +17,8 @@ from django.db import DatabaseError
 from django.http.request import validate_host
 from rest_framework_simplejwt.authentication import JWTAuthentication
 from rest_framework_simplejwt.exceptions import AuthenticationFailed, InvalidToken, TokenError
+
+from grizz.database import database_call
 
 if TYPE_CHECKING:
     from channels.consumer import _ChannelScope
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 DATABASE_DOWN = "grizz.database_down"
 
 
-@database_sync_to_async
+@database_call
 def user_from_token(raw_token: str) -> Any:
     auth = JWTAuthentication()
     try:

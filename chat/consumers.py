@@ -8,7 +8,6 @@ import logging
 import uuid
 from typing import Any, cast
 
-from channels.db import database_sync_to_async
 from django.conf import settings
 from django.contrib.auth.models import User
 
@@ -16,6 +15,7 @@ from chat import services
 from chat.auth import DATABASE_DOWN
 from chat.models import Conversation, Message
 from chat.relay import UNAVAILABLE_ERRORS, ReplyRelay, conversation_active_job
+from grizz.database import database_call
 from llmworker.admission import Refusal, admission_withdraw, job_admit
 from llmworker.jobs import Job
 from llmworker.queue import job_enqueue
@@ -33,12 +33,12 @@ SUBPROTOCOL = "grizz"
 
 REDIS_CALL_TIMEOUT = 5.0
 
-conversation_get_for_user = database_sync_to_async(services.conversation_get_for_user)
-message_send = database_sync_to_async(services.message_send)
-message_retract = database_sync_to_async(services.message_retract)
-message_find_sent = database_sync_to_async(services.message_find_sent)
-user_priority = database_sync_to_async(services.user_priority)
-reply_for_job = database_sync_to_async(services.reply_for_job)
+conversation_get_for_user = database_call(services.conversation_get_for_user)
+message_send = database_call(services.message_send)
+message_retract = database_call(services.message_retract)
+message_find_sent = database_call(services.message_find_sent)
+user_priority = database_call(services.user_priority)
+reply_for_job = database_call(services.reply_for_job)
 
 
 # Tasks that outlive the call that started them, kept here so they are not collected.

@@ -9,13 +9,13 @@ from collections import deque
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.db import DatabaseError
 from redis.exceptions import RedisError
 
 from chat import services
 from chat.models import Conversation, Message
+from grizz.database import database_call
 from llmworker.replies import reply_replay
 
 logger = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 # Redis or PostgreSQL failing: the user is told to retry, the socket stays open.
 UNAVAILABLE_ERRORS = (RedisError, OSError, DatabaseError, asyncio.TimeoutError)
 
-conversation_active_job = database_sync_to_async(services.conversation_active_job)
+conversation_active_job = database_call(services.conversation_active_job)
 
 
 def _ends_reply(frame: Mapping[str, object]) -> bool:

@@ -1,6 +1,6 @@
 """The chat's business logic: plain functions the consumer, the API, the views and the worker
-call. They are synchronous (the ORM), and async callers wrap them with database_sync_to_async,
-except `reply_cancel`, which mostly talks to Redis.
+call. They are synchronous (the ORM); async callers wrap them with database_call
+(grizz/database.py), except `reply_cancel`, which mostly talks to Redis.
 """
 
 import uuid

@@ -153,6 +153,9 @@ DATABASES = {
         conn_health_checks=True,
     )
 }
+# Threads, each with its own connection, for the database calls of a web or worker process
+# (grizz/database.py).
+DATABASE_THREADS = envint("DATABASE_THREADS", 8, minimum=1)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["OPTIONS"] = {
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",

@@ -16,11 +16,11 @@ from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from chat import services as chat_services
 from chat.services import ReplyStart
+from grizz.database import database_call
 from llmworker.admission import user_release
 from llmworker.breaker import CircuitBreaker, Permit, breaker_for
 from llmworker.faults import fault_point
@@ -34,9 +34,9 @@ T = TypeVar("T")
 
 UNAVAILABLE_MESSAGE = "The model provider is unavailable; your reply will continue when it is back."
 
-reply_start = sync_to_async(chat_services.reply_start)
-reply_complete = sync_to_async(chat_services.reply_complete)
-reply_fail = sync_to_async(chat_services.reply_fail)
+reply_start = database_call(chat_services.reply_start)
+reply_complete = database_call(chat_services.reply_complete)
+reply_fail = database_call(chat_services.reply_fail)
 
 
 class Outcome(enum.Enum):

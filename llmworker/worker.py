@@ -10,12 +10,11 @@ import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import close_old_connections
 from redis.exceptions import RedisError, ResponseError
 
 from chat import services as chat_services
+from grizz.database import database_call
 from llmworker.faults import fault_point
 from llmworker.generation import Outcome, ReplyGeneration, Result
 from llmworker.jobs import Job
@@ -29,8 +28,8 @@ logger = logging.getLogger(__name__)
 READ_BLOCK_MS = 5000
 TRANSIENT_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
-replies_fail_for_entries = sync_to_async(chat_services.replies_fail_for_entries)
-replies_orphaned = sync_to_async(chat_services.replies_orphaned)
+replies_fail_for_entries = database_call(chat_services.replies_fail_for_entries)
+replies_orphaned = database_call(chat_services.replies_orphaned)
 
 
 def _means_stream_gone(error: ResponseError) -> bool:
@@ -207,8 +206,6 @@ class Worker:
             # Left pending: another delivery takes it over once the lease has passed.
             logger.exception("job %s: failed unexpectedly", delivery.job.job_id)
             return
-        finally:
-            await sync_to_async(close_old_connections)()
         try:
             await self._settle(delivery, result)
         except TRANSIENT_ERRORS as error:

@@ -163,6 +163,36 @@ async def test_it_delivers_a_long_reply_to_a_socket_that_reads_late(
     await watcher.close()
 
 
+async def test_a_coalescing_window_merges_deltas_without_reordering_or_dropping_any(
+    alice, fake_llm, daphne, service_env, start_worker
+):
+    service_env["LLM_DELTA_WINDOW_MS"] = "30"
+    await asyncio.to_thread(start_worker, "coalescing")
+    tokens = [f" t{i}" for i in range(2000)]
+    fake_llm.default = Behaviour(tokens=tokens, ttft=0.05, interval=0.002)
+    conversation = await _conversation(alice)
+    url = f"ws://127.0.0.1:{daphne.port}/ws/chat/{conversation.id}/?token={token_for(alice)}"
+    watcher = await ChatSocket.open(conversation.id, user=alice)
+    await watcher.receive()
+
+    async with websockets.connect(url, max_queue=None) as slow:
+        await slow.recv()  # hello
+        await slow.send(json.dumps({"type": "message", "content": "Count"}))
+        queued = json.loads(await slow.recv())
+        await watcher.receive_until("done")  # the slow socket has read nothing meanwhile
+        slow_frames = await _ws_frames_until_done(slow)
+
+    for frames in (watcher.frames, slow_frames):
+        reply = [f for f in frames if f.get("job_id") == queued["job_id"] and "seq" in f]
+        deltas = [f for f in reply if f["type"] == "delta"]
+        assert [f["seq"] for f in reply] == list(range(1, len(reply) + 1))
+        assert "".join(f["content"] for f in deltas) == "".join(tokens)
+        assert deltas[0]["content"] == tokens[0]  # the first is never held back
+        assert len(deltas) < len(tokens) / 5  # the window merged them
+        assert reply[-1]["content"] == "".join(tokens)
+    await watcher.close()
+
+
 async def test_one_worker_carries_several_replies_at_once(alice, fake_llm, worker):
     fake_llm.default = Behaviour(tokens=[" x"] * 20, interval=0.1)
     sockets = []

@@ -13,26 +13,51 @@ from tests.support.sockets import ChatSocket
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 
 
-async def _point_database_at(port: int) -> None:
-    # The consumer's queries run on asgiref's thread: its connection must be closed there.
-    await sync_to_async(connections.close_all)()
+def _connections_end(*, sparing: int) -> None:
+    # As a restart of PostgreSQL would: the connections the consumer's database threads
+    # hold (grizz/database.py) break, and their next use reconnects. The test's own (the
+    # main thread's, which pytest-django flushes the database with) is spared.
+    with connections["default"].cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid() AND pid <> %s",
+            [sparing],
+        )
+    connections.close_all()
+
+
+@pytest.fixture
+def test_backend_pid(alice) -> int:
+    """The main thread's connection (a sync fixture runs there), which flushes the database
+    after the test."""
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        return cursor.fetchone()[0]
+
+
+async def _database_unreachable(*, sparing: int) -> None:
+    await sync_to_async(_connections_end)(sparing=sparing)
+    connections["default"].settings_dict["PORT"] = free_port()
+
+
+async def _database_back(port: int) -> None:
     connections["default"].settings_dict["PORT"] = port
 
 
-async def test_it_answers_unavailable_while_the_database_is_unreachable(alice):
+async def test_it_answers_unavailable_while_the_database_is_unreachable(alice, test_backend_pid):
     conversation = await sync_to_async(conversation_create)(owner=alice)
     chat = await ChatSocket.open(conversation.id, user=alice)
     await chat.receive()
     real_port = connections["default"].settings_dict["PORT"]
 
-    await _point_database_at(free_port())
+    await _database_unreachable(sparing=test_backend_pid)
     try:
         await chat.send({"type": "message", "content": "Hello?"})
         refused = await chat.receive()
         await chat.send({"type": "ping"})
         pong = await chat.receive()
     finally:
-        await _point_database_at(real_port)
+        await _database_back(real_port)
     await chat.send({"type": "message", "content": "Hello again"})
     accepted = await chat.receive()
 

@@ -1,0 +1,48 @@
+"""Database calls from async code (the chat socket, the worker), on a bounded pool of
+threads.
+
+asgiref's default (thread_sensitive) runs every synchronous call of a process on one
+thread: 200 replies starting at once each waited for every `reply_start` ahead of it, most
+of that time idle on PostgreSQL's round trips (queued → model request p50 266 ms at 200
+conversations, docs/performance.md), and 200 messages sent at once each waited for every
+`message_send` ahead of it. These calls share nothing but the database, so they run on
+DATABASE_THREADS threads per process, each with its own persistent connection.
+
+After each call the thread's connection is left as Django leaves it after a request
+(close_old_connections): closed if it broke or outlived DATABASE_CONN_MAX_AGE, otherwise
+checked before its next use.
+"""
+
+import functools
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ParamSpec, TypeVar
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import close_old_connections
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@functools.cache
+def _executor() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=settings.DATABASE_THREADS, thread_name_prefix="database")
+
+
+def database_call(func: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """`func`, awaitable, run on the process's database threads."""
+
+    @functools.wraps(func)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        finally:
+            close_old_connections()
+
+    async def awaitable(*args: P.args, **kwargs: P.kwargs) -> R:
+        run = sync_to_async(call, thread_sensitive=False, executor=_executor())
+        return await run(*args, **kwargs)
+
+    return functools.wraps(func)(awaitable)
