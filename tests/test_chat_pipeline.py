@@ -138,25 +138,32 @@ async def test_it_reports_a_provider_refusal_as_llm_error(alice, fake_llm, worke
     await socket.close()
 
 
+async def _sent_from_a_slow_socket(
+    user, daphne
+) -> tuple[ChatSocket, dict[str, Any], list[dict[str, Any]]]:
+    """A message sent over a real socket that then reads nothing until another socket of
+    the conversation has seen the whole reply: every frame must wait for it in the server's
+    buffers, none may be dropped. The watching socket, the `queued` frame, the slow
+    socket's frames."""
+    conversation = await _conversation(user)
+    url = f"ws://127.0.0.1:{daphne.port}/ws/chat/{conversation.id}/?token={token_for(user)}"
+    watcher = await ChatSocket.open(conversation.id, user=user)
+    await watcher.receive()
+    async with websockets.connect(url, max_queue=None) as slow:
+        await slow.recv()  # hello
+        await slow.send(json.dumps({"type": "message", "content": "Count"}))
+        queued = json.loads(await slow.recv())
+        await watcher.receive_until("done")
+        return watcher, queued, await _ws_frames_until_done(slow)
+
+
 async def test_it_delivers_a_long_reply_to_a_socket_that_reads_late(
     alice, fake_llm, daphne, worker
 ):
     tokens = [f" t{i}" for i in range(1000)]
     fake_llm.default = Behaviour(tokens=tokens)
-    conversation = await _conversation(alice)
-    url = f"ws://127.0.0.1:{daphne.port}/ws/chat/{conversation.id}/?token={token_for(alice)}"
 
-    watcher = await ChatSocket.open(conversation.id, user=alice)
-    await watcher.receive()
-
-    async with websockets.connect(url, max_queue=None) as ws:
-        await ws.recv()  # hello
-        await ws.send(json.dumps({"type": "message", "content": "Count"}))
-        queued = json.loads(await ws.recv())
-        # This socket reads nothing until another one has seen the whole reply: every
-        # frame must wait for it in the server's buffers, none may be dropped.
-        await watcher.receive_until("done")
-        frames = await _ws_frames_until_done(ws)
+    watcher, queued, frames = await _sent_from_a_slow_socket(alice, daphne)
 
     assert answer_of(frames, queued["job_id"]) == "".join(tokens)
     assert frames[-1]["content"] == "".join(tokens)
@@ -170,17 +177,8 @@ async def test_a_coalescing_window_merges_deltas_without_reordering_or_dropping_
     await asyncio.to_thread(start_worker, "coalescing")
     tokens = [f" t{i}" for i in range(2000)]
     fake_llm.default = Behaviour(tokens=tokens, ttft=0.05, interval=0.002)
-    conversation = await _conversation(alice)
-    url = f"ws://127.0.0.1:{daphne.port}/ws/chat/{conversation.id}/?token={token_for(alice)}"
-    watcher = await ChatSocket.open(conversation.id, user=alice)
-    await watcher.receive()
 
-    async with websockets.connect(url, max_queue=None) as slow:
-        await slow.recv()  # hello
-        await slow.send(json.dumps({"type": "message", "content": "Count"}))
-        queued = json.loads(await slow.recv())
-        await watcher.receive_until("done")  # the slow socket has read nothing meanwhile
-        slow_frames = await _ws_frames_until_done(slow)
+    watcher, queued, slow_frames = await _sent_from_a_slow_socket(alice, daphne)
 
     for frames in (watcher.frames, slow_frames):
         reply = [f for f in frames if f.get("job_id") == queued["job_id"] and "seq" in f]

@@ -32,7 +32,7 @@ def test_backend_pid(alice) -> int:
     after the test."""
     with connections["default"].cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
-        return cursor.fetchone()[0]
+        return int(cursor.fetchone()[0])
 
 
 async def _database_unreachable(*, sparing: int) -> None:
