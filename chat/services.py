@@ -73,11 +73,11 @@ def message_send(
     job_id: uuid.UUID | str | None = None,
 ) -> SentMessage:
     """Save a user message and its queued reply. The caller enqueues the job after this
-    returns, that is after the commit, so no job ever names rows that do not exist."""
-    if client_msg_id:
-        earlier = message_find_sent(conversation=conversation, client_msg_id=client_msg_id)
-        if earlier is not None:
-            return earlier
+    returns, that is after the commit, so no job ever names rows that do not exist.
+
+    A resend (a client_msg_id saved before) returns the first send's rows. Both cases end in
+    an IntegrityError from a constraint rather than in a query beforehand: the message of a
+    turn costs five round trips (docs/performance.md)."""
     try:
         with transaction.atomic():
             return _message_create(
@@ -87,7 +87,7 @@ def message_send(
                 job_id=job_id or uuid.uuid4(),
             )
     except IntegrityError:
-        # Another process won the race: either the same client_msg_id or another reply.
+        # The same client_msg_id (a resend, or a race with one), or another active reply.
         if client_msg_id:
             earlier = message_find_sent(conversation=conversation, client_msg_id=client_msg_id)
             if earlier is not None:
@@ -102,17 +102,12 @@ def _message_create(
     client_msg_id: str | None,
     job_id: uuid.UUID | str,
 ) -> SentMessage:
-    # The lock serialises senders on one conversation, so positions are gap-free and the
-    # "one active reply" check below is not a race (the unique constraint backs it up).
-    Conversation.objects.select_for_update().filter(id=conversation.id).first()
-    if Message.objects.filter(
-        conversation=conversation,
-        role=Message.Role.ASSISTANT,
-        status__in=Message.ACTIVE_STATUSES,
-    ).exists():
-        raise ConversationBusy()
+    # The update takes the conversation's row lock: senders on one conversation go one at a
+    # time, so positions are gap-free. A second active reply is refused by the
+    # message_one_active_reply constraint.
+    Conversation.objects.filter(id=conversation.id).update(updated_at=timezone.now())
     last = conversation.messages.aggregate(last=Max("position"))["last"] or 0
-    message = Message.objects.create(
+    message = Message(
         conversation=conversation,
         position=last + 1,
         role=Message.Role.USER,
@@ -120,14 +115,14 @@ def _message_create(
         status=Message.Status.COMPLETE,
         client_msg_id=client_msg_id,
     )
-    reply = Message.objects.create(
+    reply = Message(
         conversation=conversation,
         position=last + 2,
         role=Message.Role.ASSISTANT,
         status=Message.Status.QUEUED,
         job_id=job_id,
     )
-    Conversation.objects.filter(id=conversation.id).update(updated_at=timezone.now())
+    Message.objects.bulk_create([message, reply])
     return SentMessage(message=message, reply=reply, created=True)
 
 
