@@ -128,8 +128,12 @@ class FrameEmitter:
     per round instead of per token (the write was its largest cost per token,
     docs/performance.md). Deltas that queue up behind a round merge into one frame. Rounds
     go one at a time and a reply's frames keep their order inside each, so nothing is ever
-    reordered. No timer unless LLM_DELTA_WINDOW_MS asks for one: with nothing in flight a
-    frame goes at once."""
+    reordered.
+
+    Under load rounds are spaced LLM_FRAME_BATCH_MS apart, so that each carries more frames
+    (each write to Redis costs the worker a system call that wakes Redis); a round after a
+    quiet spell, and one holding a reply's first delta, goes at once. Deltas of one reply
+    are held back only if LLM_DELTA_WINDOW_MS asks for it."""
 
     def __init__(self, client: aioredis.Redis) -> None:
         self.redis = client
@@ -137,9 +141,14 @@ class FrameEmitter:
         self.ready: dict[ReplyPublisher, None] = {}  # an ordered set: who has frames queued
         self.sender: asyncio.Task[None] | None = None
         self.wakeup: asyncio.TimerHandle | None = None
+        self.spacing = settings.LLM_FRAME_BATCH_MS / 1000
+        self.last_round_at = -math.inf
+        self.first_delta_waits = asyncio.Event()
 
     def publisher_ready(self, publisher: "ReplyPublisher") -> None:
         self.ready[publisher] = None
+        if publisher.last_delta_at is None:
+            self.first_delta_waits.set()
         if self.sender is None or self.sender.done():
             if self.wakeup is not None:
                 self.wakeup.cancel()
@@ -149,7 +158,8 @@ class FrameEmitter:
     async def _send_rounds(self) -> None:
         loop = asyncio.get_running_loop()
         while self.ready:
-            now = loop.time()
+            await self._spacing_wait(loop)
+            now = self.last_round_at = loop.time()
             round_: list[tuple[ReplyPublisher, list[_Frame], list[EmitCall]]] = []
             for publisher in list(self.ready):
                 frames, calls = publisher.frames_take(now)
@@ -164,6 +174,14 @@ class FrameEmitter:
                 self.wakeup = loop.call_at(due, self._wake)
                 return
             await self._round_send(round_)
+
+    async def _spacing_wait(self, loop: asyncio.AbstractEventLoop) -> None:
+        left = self.last_round_at + self.spacing - loop.time()
+        if left > 0 and not self.first_delta_waits.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self.first_delta_waits.wait()
+        self.first_delta_waits.clear()
 
     def _wake(self) -> None:
         self.wakeup = None
