@@ -3,12 +3,12 @@ from the reply's replay log. Part of the chat consumer (consumers.py), kept apar
 the consumer reads as what it does with the client's frames."""
 
 import asyncio
-import json
 import logging
 from collections import deque
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.db import DatabaseError
 from redis.exceptions import RedisError
@@ -118,7 +118,7 @@ class ReplyRelay(AsyncJsonWebsocketConsumer):
     async def _replay(self, job_id: str, *, after: int) -> int:
         for seq, raw in await reply_replay(job_id=job_id, after=after):
             await self.send(text_data=raw)
-            self._mark_seen(job_id, seq, json.loads(raw))
+            self._mark_seen(job_id, seq, orjson.loads(raw))
             after = seq
         return after
 

@@ -10,7 +10,6 @@ pub/sub connection) reads them back from the log by seq.
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import random
@@ -20,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
+import orjson
 import redis.asyncio as aioredis
 from django.conf import settings
 from redis.exceptions import NoScriptError, RedisError
@@ -93,10 +93,15 @@ class AttemptStart:
     cancelled: bool
 
 
+def _json(value: Any) -> str:
+    # orjson: a fraction of the stdlib's cost, once per frame in the worker and the web.
+    return orjson.dumps(value).decode()
+
+
 def _frame_parts(kind: str, job_id: str, **body: Any) -> tuple[str, str]:
     """The JSON text of a frame before and after its seq number."""
-    head = '{"type":' + json.dumps(kind) + ',"job_id":' + json.dumps(job_id) + ',"seq":'
-    tail = "," + json.dumps(body, separators=(",", ":"))[1:] if body else "}"
+    head = '{"type":' + _json(kind) + ',"job_id":' + _json(job_id) + ',"seq":'
+    tail = "," + _json(body)[1:] if body else "}"
     return head, tail
 
 
@@ -528,7 +533,7 @@ class ReplyHub:
         if message["type"] != "message":
             return
         raw = message["data"]
-        frame = json.loads(raw)
+        frame = orjson.loads(raw)
         for listener in list(self.listeners.get(channel, ())):
             listener.reply_frame_received(frame, raw)
 
