@@ -76,6 +76,8 @@ class SessionAuthMiddleware(AuthMiddleware):
     socket anonymous and marked DATABASE_DOWN instead of raising."""
 
     async def resolve_scope(self, scope: "_ChannelScope") -> None:
+        if _token_from_subprotocols(scope) or _token_from_query(scope):
+            return  # the token decides (TokenAuthMiddleware): no session lookup to wait for
         try:
             await super().resolve_scope(scope)
         except DatabaseError:

@@ -8,13 +8,14 @@ import logging
 import uuid
 from typing import Any, cast
 
+from channels.consumer import get_handler_name
 from django.conf import settings
 from django.contrib.auth.models import User
 
 from chat import services
 from chat.auth import DATABASE_DOWN
 from chat.models import Conversation, Message
-from chat.relay import UNAVAILABLE_ERRORS, ReplyRelay, conversation_active_job
+from chat.relay import UNAVAILABLE_ERRORS, ReplyRelay
 from grizz.database import database_call
 from llmworker.admission import Refusal, admission_withdraw, job_admit
 from llmworker.jobs import Job
@@ -33,7 +34,7 @@ SUBPROTOCOL = "grizz"
 
 REDIS_CALL_TIMEOUT = 5.0
 
-conversation_get_for_user = database_call(services.conversation_get_for_user)
+conversation_open_for_user = database_call(services.conversation_open_for_user)
 message_send = database_call(services.message_send)
 message_retract = database_call(services.message_retract)
 message_find_sent = database_call(services.message_find_sent)
@@ -65,6 +66,16 @@ class ChatConsumer(ReplyRelay):
     conversation: Conversation | None = None
     priority: str | None = None  # of this user's jobs, read once per socket
 
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Channels' own, without the close_old_connections it runs first on the one
+        # thread-sensitive executor thread for every event (every client frame): this
+        # consumer's database calls run on grizz.database's pool, which cleans up after
+        # each call itself, and the hop cost every frame a wait behind every other socket's.
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
+
     @property
     def user(self) -> User:
         # connect() refuses a socket whose user is not signed in: past it, this is a User.
@@ -80,14 +91,14 @@ class ChatConsumer(ReplyRelay):
             return await self._refuse(CLOSE_UNAUTHENTICATED)
         conversation_id = _uuid_or_none(self.scope["url_route"]["kwargs"]["conversation_id"])
         try:
-            conversation = conversation_id and await conversation_get_for_user(
+            opened = conversation_id and await conversation_open_for_user(
                 conversation_id=conversation_id, user=self.user
             )
-            if not conversation:
+            if not opened:
                 return await self._refuse(CLOSE_NOT_FOUND)
             # The active job first, then follow: a reply that starts in between is followed
             # from its first frame, like any reply that starts while the socket is open.
-            active_job_id = await conversation_active_job(conversation_id=conversation.id)
+            conversation, active_job_id = opened.conversation, opened.active_job_id
             if active_job_id:
                 self.awaiting_resume.add(active_job_id)
             await self._follow(conversation)

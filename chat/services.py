@@ -11,7 +11,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
-from django.db.models import Max
+from django.db.models import Max, OuterRef, Subquery
 from django.utils import timezone
 
 from chat.models import Conversation, Message
@@ -39,10 +39,31 @@ def user_priority(*, user: User) -> str:
     return "normal"
 
 
-def conversation_get_for_user(
+@dataclass(frozen=True)
+class OpenedConversation:
+    conversation: Conversation
+    active_job_id: str | None  # the job of its reply queued or being generated, if any
+
+
+def conversation_open_for_user(
     *, conversation_id: uuid.UUID | str, user: User
-) -> Conversation | None:
-    return Conversation.objects.filter(id=conversation_id, owner=user).first()
+) -> OpenedConversation | None:
+    """The user's conversation a socket opens, and its reply in flight: one query, as a
+    wave of reconnecting sockets makes one of these per socket."""
+    active = Message.objects.filter(
+        conversation=OuterRef("pk"),
+        role=Message.Role.ASSISTANT,
+        status__in=Message.ACTIVE_STATUSES,
+    ).values("job_id")[:1]
+    conversation = (
+        Conversation.objects.filter(id=conversation_id, owner=user)
+        .annotate(active_job_id=Subquery(active))
+        .first()
+    )
+    if conversation is None:
+        return None
+    job_id = conversation.active_job_id  # the annotation (django-stubs knows it)
+    return OpenedConversation(conversation, str(job_id) if job_id else None)
 
 
 def conversation_active_job(*, conversation_id: uuid.UUID | str) -> str | None:
