@@ -7,6 +7,14 @@ the machine CPU, so it runs in this phase alone and never while a figure is meas
 raw output (one line per distinct stack, `frame;frame;... count`, aggregated by function
 with `--function`) gives each function's own time (samples where it is the innermost
 frame) and cumulative time (samples where it is anywhere on the stack, counted once).
+
+Only samples of the thread that holds the GIL are taken (`--gil`): that is Python's CPU,
+uvloop's and Twisted's C parts included. Without it py-spy also counted an event loop
+waiting in epoll (uvloop waits inside `Runner.run`, so no leaf tells it apart) and the
+database threads waiting for PostgreSQL. System calls made without the GIL (psycopg's
+socket I/O) are left out, so the shares are of the Python side of each process. The
+cumulative table leaves out the frames every sample of a thread passes through (the
+interpreter's, daphne's and Django's entry points, the event loop, the thread pool).
 """
 
 import asyncio
@@ -30,6 +38,14 @@ RATE = 100  # samples per second (py-spy's default)
 # py-spy's idle detection misses an event loop blocked in epoll_wait; those samples are the
 # loop waiting, not CPU, and are left out (other waits, e.g. psycopg's, stay: they are shown).
 WAITING_LEAVES = ("EpollSelector.select (",)
+# Entry points and loops on the stack of every sample of their thread: not where time goes.
+PLUMBING = (
+    "<frozen runpy>", "daphne/cli.py", "daphne/server.py", "grizz/server.py", "manage.py",
+    "django/core/management/", "asyncio/runners.py", "asyncio/base_events.py",
+    "asyncio/events.py", "threading.py", "concurrent/futures/thread.py",
+    "twisted/internet/asyncioreactor.py", "twisted/python/log.py", "twisted/python/context.py",
+    "asgiref/sync.py",
+)  # fmt: skip
 
 
 @dataclass
@@ -102,7 +118,7 @@ async def _record_after(
 
 async def _record(binary: str, name: str, pid: int, out: Path, seconds: float) -> Profiled:
     path = out / f"{name}.txt"
-    args = [binary, "record", "-p", str(pid), "-f", "raw", "--nonblocking", "--function"]
+    args = [binary, "record", "-p", str(pid), "-f", "raw", "--nonblocking", "--function", "--gil"]
     args += ["-r", str(RATE), "-d", f"{seconds:g}", "-o", str(path)]
     process = await asyncio.create_subprocess_exec(
         *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
@@ -129,7 +145,8 @@ def _parse(name: str, raw: str) -> Profiled:
         samples += count
         own[frames[-1]] += count
         for frame in set(frames):
-            cumulative[frame] += count
+            if not any(part in frame for part in PLUMBING):
+                cumulative[frame] += count
     return Profiled(name, samples, own, cumulative)
 
 
