@@ -110,8 +110,8 @@ def _scope_dict(scope: "_ChannelScope") -> dict[str, Any]:
 
 
 class TokenAuthMiddleware(BaseMiddleware):
-    """Runs inside AuthMiddlewareStack: replaces the session user when a token is given, and
-    drops it when the socket comes from another origin."""
+    """Runs below the session user in the socket stack (grizz/asgi.py): replaces that user
+    when a token is given, and drops it when the socket comes from another origin."""
 
     async def __call__(
         self, scope: "_ChannelScope", receive: ASGIReceiveCallable, send: ASGISendCallable

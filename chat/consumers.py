@@ -86,7 +86,7 @@ class ChatConsumer(ReplyRelay):
         self.relay_setup()
         if self.scope.get(DATABASE_DOWN):
             return await self._refuse(CLOSE_TRY_AGAIN_LATER)
-        user = self.scope["user"]  # set on every socket by AuthMiddlewareStack
+        user = self.scope["user"]  # set on every socket by the stack in grizz/asgi.py
         if user is None or not user.is_authenticated:
             return await self._refuse(CLOSE_UNAUTHENTICATED)
         conversation_id = _uuid_or_none(self.scope["url_route"]["kwargs"]["conversation_id"])

@@ -41,8 +41,4 @@ def database_call(func: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
         finally:
             close_old_connections()
 
-    async def awaitable(*args: P.args, **kwargs: P.kwargs) -> R:
-        run = sync_to_async(call, thread_sensitive=False, executor=_executor())
-        return await run(*args, **kwargs)
-
-    return functools.wraps(func)(awaitable)
+    return sync_to_async(call, thread_sensitive=False, executor=_executor())

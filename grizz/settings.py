@@ -267,12 +267,9 @@ LLM_DEMO_MODEL = "grizz-demo"
 LLM_REQUEST_TIMEOUT_SECONDS = envfloat("LLM_REQUEST_TIMEOUT_SECONDS", 60.0, minimum=1.0)
 # How long a reply's deltas stay replayable in Redis after the reply has finished.
 LLM_REPLAY_TTL_SECONDS = envint("LLM_REPLAY_TTL_SECONDS", 300, minimum=10)
-# Deltas of one reply less than this apart go out as one frame (fewer frames, less CPU per
-# token); a reply's first delta, and any that comes later than this, go at once. 0: none.
-LLM_DELTA_WINDOW_MS = envint("LLM_DELTA_WINDOW_MS", 0, minimum=0, maximum=30)
 # Under load a worker sends its frames to Redis at most once per this many milliseconds,
-# many per round trip; after a quiet spell, and for a reply's first delta, at once. 0: a
-# round as soon as the one before is answered.
+# many per round trip, and a reply's deltas within it go as one frame; after a quiet spell,
+# and for a reply's first frame, at once. 0: a round as soon as the one before is answered.
 LLM_FRAME_BATCH_MS = envint("LLM_FRAME_BATCH_MS", 5, minimum=0, maximum=30)
 LLM_WORKER_CONCURRENCY = envint("LLM_WORKER_CONCURRENCY", 512, minimum=1)
 # A job whose worker has not renewed its lease for this long is taken over by another worker.

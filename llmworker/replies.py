@@ -136,62 +136,45 @@ class FrameEmitter:
     reordered.
 
     Under load rounds are spaced LLM_FRAME_BATCH_MS apart, so that each carries more frames
-    (each write to Redis costs the worker a system call that wakes Redis); a round after a
-    quiet spell, and one holding a reply's first delta, goes at once. Deltas of one reply
-    are held back only if LLM_DELTA_WINDOW_MS asks for it."""
+    (each write to Redis costs the worker a system call that wakes Redis) and deltas of one
+    reply that come within the spacing go as one frame; a round after a quiet spell, and
+    one holding a reply's first frame, goes at once. The spacing is the only coalescing
+    window (at most 30 ms)."""
 
     def __init__(self, client: aioredis.Redis) -> None:
         self.redis = client
         self.sha = script_get(client, EMIT_SCRIPT).sha
         self.ready: dict[ReplyPublisher, None] = {}  # an ordered set: who has frames queued
         self.sender: asyncio.Task[None] | None = None
-        self.wakeup: asyncio.TimerHandle | None = None
         self.spacing = settings.LLM_FRAME_BATCH_MS / 1000
         self.last_round_at = -math.inf
-        self.first_delta_waits = asyncio.Event()
+        self.first_frame_waits = asyncio.Event()
 
     def publisher_ready(self, publisher: "ReplyPublisher") -> None:
         self.ready[publisher] = None
-        if publisher.last_delta_at is None:
-            self.first_delta_waits.set()
+        if not publisher.sent_any:
+            self.first_frame_waits.set()
         if self.sender is None or self.sender.done():
-            if self.wakeup is not None:
-                self.wakeup.cancel()
-                self.wakeup = None
             self.sender = asyncio.create_task(self._send_rounds())
 
     async def _send_rounds(self) -> None:
         loop = asyncio.get_running_loop()
         while self.ready:
             await self._spacing_wait(loop)
-            now = self.last_round_at = loop.time()
-            round_: list[tuple[ReplyPublisher, list[_Frame], list[EmitCall]]] = []
-            for publisher in list(self.ready):
-                frames, calls = publisher.frames_take(now)
-                if frames:
-                    round_.append((publisher, frames, calls))
-                if not publisher.outgoing:
-                    del self.ready[publisher]
-            if not round_:  # every reply left waits out its coalescing window
-                if not self.ready:
-                    return
-                due = min(publisher.window_ends_at() for publisher in self.ready)
-                self.wakeup = loop.call_at(due, self._wake)
-                return
-            await self._round_send(round_)
+            self.last_round_at = loop.time()
+            # A reply whose frames failed meanwhile has nothing left to send.
+            round_ = [(p, *p.frames_take()) for p in self.ready if p.outgoing]
+            self.ready = {}
+            if round_:
+                await self._round_send(round_)
 
     async def _spacing_wait(self, loop: asyncio.AbstractEventLoop) -> None:
         left = self.last_round_at + self.spacing - loop.time()
-        if left > 0 and not self.first_delta_waits.is_set():
+        if left > 0 and not self.first_frame_waits.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(left):
-                    await self.first_delta_waits.wait()
-        self.first_delta_waits.clear()
-
-    def _wake(self) -> None:
-        self.wakeup = None
-        if self.ready and (self.sender is None or self.sender.done()):
-            self.sender = asyncio.create_task(self._send_rounds())
+                    await self.first_frame_waits.wait()
+        self.first_frame_waits.clear()
 
     async def _round_send(
         self, round_: list[tuple["ReplyPublisher", list[_Frame], list[EmitCall]]]
@@ -264,8 +247,7 @@ class ReplyPublisher:
         self.outgoing: list[_Frame] = []
         self.in_flight: list[_Frame] = []
         self.failure: BaseException | None = None  # of a delta nobody awaited
-        self.window = settings.LLM_DELTA_WINDOW_MS / 1000
-        self.last_delta_at: float | None = None  # loop time; None: the first is never held
+        self.sent_any = False  # the first frame is never held back by the round spacing
 
     async def attempt_begin(self, attempt: int) -> AttemptStart:
         cancelled, last_seq = await script_get(self.redis, ATTEMPT_BEGIN_SCRIPT)(
@@ -311,21 +293,11 @@ class ReplyPublisher:
 
     # The emitter's side
 
-    def window_ends_at(self) -> float:
-        return -math.inf if self.last_delta_at is None else self.last_delta_at + self.window
-
-    def frames_take(self, now: float) -> tuple[list[_Frame], list[EmitCall]]:
-        """The frames to send in this round, and their script calls; none while a lone
-        delta waits out its coalescing window."""
-        if not self.outgoing:
-            return [], []
-        only_a_delta = len(self.outgoing) == 1 and self.outgoing[0].texts is not None
-        if only_a_delta and now < self.window_ends_at():
-            return [], []
+    def frames_take(self) -> tuple[list[_Frame], list[EmitCall]]:
+        """The frames to send in this round, and their script calls."""
         frames, self.outgoing = self.outgoing, []
         self.in_flight = frames
-        if frames[-1].texts is not None:
-            self.last_delta_at = now
+        self.sent_any = True
         return frames, [self._call(frame, index) for index, frame in enumerate(frames)]
 
     def _call(self, frame: _Frame, index: int) -> EmitCall:

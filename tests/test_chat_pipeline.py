@@ -173,7 +173,7 @@ async def test_it_delivers_a_long_reply_to_a_socket_that_reads_late(
 async def test_a_coalescing_window_merges_deltas_without_reordering_or_dropping_any(
     alice, fake_llm, daphne, service_env, start_worker
 ):
-    service_env["LLM_DELTA_WINDOW_MS"] = "30"
+    service_env["LLM_FRAME_BATCH_MS"] = "30"
     await asyncio.to_thread(start_worker, "coalescing")
     tokens = [f" t{i}" for i in range(2000)]
     fake_llm.default = Behaviour(tokens=tokens, ttft=0.05, interval=0.002)

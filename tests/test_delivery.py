@@ -200,9 +200,8 @@ async def test_jobs_lost_with_redis_data_are_enqueued_again(
         await socket.close()
 
 
-async def test_the_worker_recreates_a_vanished_stream(alice, fake_llm, worker):
-    await redis_get().delete(jobs_stream_key())
-    socket = await chat_opened(alice)
+async def _answered_once_the_stream_is_recreated(user: User, worker: ServiceProcess) -> None:
+    socket = await chat_opened(user)
     await message_queued(socket)
 
     frames = await socket.receive_until("done", timeout=30)
@@ -210,6 +209,12 @@ async def test_the_worker_recreates_a_vanished_stream(alice, fake_llm, worker):
     assert frames[-1]["status"] == "complete"
     assert worker.output.count("the job stream is gone") == 1
     await socket.close()
+
+
+async def test_the_worker_recreates_a_vanished_stream(alice, fake_llm, worker):
+    await redis_get().delete(jobs_stream_key())
+
+    await _answered_once_the_stream_is_recreated(alice, worker)
 
 
 async def test_a_stream_lost_as_the_worker_starts_does_not_stop_it(
@@ -221,14 +226,8 @@ async def test_a_stream_lost_as_the_worker_starts_does_not_stop_it(
     await asyncio.to_thread(starting.wait_for_line, "fault: stopped at before_own_pending_read")
     await redis_get().delete(jobs_stream_key())
     starting.send_signal(signal.SIGCONT)
-    socket = await chat_opened(alice)
-    await message_queued(socket)
 
-    frames = await socket.receive_until("done", timeout=30)
-
-    assert frames[-1]["status"] == "complete"
-    assert starting.output.count("the job stream is gone") == 1
-    await socket.close()
+    await _answered_once_the_stream_is_recreated(alice, starting)
 
 
 async def test_resume_after_a_dropped_connection_misses_and_repeats_nothing(
