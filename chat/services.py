@@ -10,7 +10,7 @@ from datetime import timedelta
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth.models import User
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Max, OuterRef, Subquery
 from django.utils import timezone
 
@@ -181,49 +181,78 @@ def reply_start(
     *, reply_id: uuid.UUID | str, default_model: str, entry_id: str = "", max_attempts: int = 0
 ) -> ReplyStart | None:
     """Begin a delivery attempt of a reply. None when the reply is already finished (a
-    redelivered job) or gone. The attempt number fences out writes of older attempts."""
-    with transaction.atomic():
-        reply = (
-            Message.objects.select_for_update()
-            .select_related("conversation")
-            .filter(id=reply_id, status__in=Message.ACTIVE_STATUSES)
-            .first()
+    redelivered job) or gone. The attempt number fences out writes of older attempts.
+
+    One statement, committed on its own: the claim (a conditional UPDATE, which waits for
+    and re-checks a concurrent claim of the same row) and the prompt read with it. It sits
+    between the user's message and the model's first token; the ORM's transaction, locking
+    SELECT, save and prompt query cost five round trips (docs/performance.md)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _REPLY_START_SQL,
+            {
+                "reply_id": uuid.UUID(str(reply_id)),
+                "entry_id": entry_id,
+                "default_model": default_model,
+                # The attempt about to begin is one too many when the last was the limit.
+                "attempts_allowed": max_attempts or _NO_LIMIT,
+                "exhausted_error": (
+                    f"The reply could not be generated after {max_attempts} attempts."
+                ),
+                "now": timezone.now(),
+                "active": list(Message.ACTIVE_STATUSES),
+                "left_out": list(_STATUSES_LEFT_OUT_OF_PROMPTS),
+            },
         )
-        if reply is None:
-            return None
-        reply.attempt += 1
-        reply.queue_entry_id = entry_id
-        reply.model = reply.conversation.model or default_model
-        exhausted = bool(max_attempts) and reply.attempt > max_attempts
-        if exhausted:
-            reply.status = Message.Status.FAILED
-            reply.error = f"The reply could not be generated after {max_attempts} attempts."
-            reply.finished_at = timezone.now()
-        else:
-            reply.status = Message.Status.STREAMING
-        reply.save()
-    if exhausted:
-        return ReplyStart(attempt=reply.attempt, model=reply.model, prompt=[], exhausted=True)
-    return ReplyStart(attempt=reply.attempt, model=reply.model, prompt=reply_prompt(reply=reply))
+        rows = cursor.fetchall()
+    if not rows:
+        return None
+    attempt, model, status, system_prompt = rows[0][:4]
+    if status == Message.Status.FAILED:
+        return ReplyStart(attempt=attempt, model=model, prompt=[], exhausted=True)
+    prompt = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    prompt.extend({"role": role, "content": content} for *_, role, content in rows if role)
+    return ReplyStart(attempt=attempt, model=model, prompt=prompt)
 
 
-def reply_prompt(*, reply: Message) -> list[dict[str, str]]:
-    """The chat-completions messages for a reply: system prompt, then the earlier turns."""
-    prompt = []
-    if reply.conversation.system_prompt:
-        prompt.append({"role": "system", "content": reply.conversation.system_prompt})
-    earlier = (
-        Message.objects.filter(conversation_id=reply.conversation_id, position__lt=reply.position)
-        .exclude(role=Message.Role.ASSISTANT, status__in=_STATUSES_LEFT_OUT_OF_PROMPTS)
-        .order_by("position")
-        .values_list("role", "content")
-    )
-    prompt.extend({"role": role, "content": content} for role, content in earlier)
-    return prompt
-
+_NO_LIMIT = 2**31 - 1  # the largest attempt number the column holds
 
 # A failed reply has no text worth sending back; a cancelled one keeps the part the user saw.
 _STATUSES_LEFT_OUT_OF_PROMPTS = (Message.Status.FAILED, Message.Status.QUEUED)
+
+# The claimed reply, then the turns before it (none when the attempt is one too many): one
+# row per earlier turn, or one row with a NULL role. The prompt read shares the statement's
+# snapshot, which holds every earlier turn: the job was queued after they were committed.
+_REPLY_START_SQL = f"""
+WITH claimed AS (
+    UPDATE {Message._meta.db_table} AS reply
+    SET attempt = reply.attempt + 1,
+        queue_entry_id = %(entry_id)s,
+        model = COALESCE(NULLIF(conversation.model, ''), %(default_model)s),
+        status = CASE WHEN reply.attempt >= %(attempts_allowed)s
+                      THEN 'failed' ELSE 'streaming' END,
+        error = CASE WHEN reply.attempt >= %(attempts_allowed)s
+                     THEN %(exhausted_error)s ELSE reply.error END,
+        finished_at = CASE WHEN reply.attempt >= %(attempts_allowed)s
+                           THEN %(now)s ELSE reply.finished_at END,
+        updated_at = %(now)s
+    FROM {Conversation._meta.db_table} AS conversation
+    WHERE reply.id = %(reply_id)s
+      AND reply.status = ANY(%(active)s)
+      AND conversation.id = reply.conversation_id
+    RETURNING reply.attempt, reply.model, reply.status, conversation.system_prompt,
+              reply.conversation_id, reply.position
+)
+SELECT claimed.attempt, claimed.model, claimed.status, claimed.system_prompt,
+       earlier.role, earlier.content
+FROM claimed
+LEFT JOIN {Message._meta.db_table} AS earlier
+    ON claimed.status = 'streaming'
+   AND earlier.conversation_id = claimed.conversation_id
+   AND earlier.position < claimed.position
+   AND NOT (earlier.role = 'assistant' AND earlier.status = ANY(%(left_out)s))
+ORDER BY earlier.position
+"""
 
 
 def reply_complete(

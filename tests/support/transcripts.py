@@ -4,9 +4,13 @@ from chat.models import Conversation
 from chat.services import message_send, reply_complete, reply_start
 
 
-def answered(conversation: Conversation, question: str, answer: str) -> None:
-    """A user message and its complete reply."""
+def answered(
+    conversation: Conversation, question: str, answer: str, *, status: str = "complete"
+) -> None:
+    """A user message and its reply, complete (or cancelled after `answer`)."""
     sent = message_send(conversation=conversation, content=question)
     start = reply_start(reply_id=sent.reply.id, default_model="test-model")
     assert start is not None
-    assert reply_complete(reply_id=sent.reply.id, attempt=start.attempt, content=answer, usage=None)
+    assert reply_complete(
+        reply_id=sent.reply.id, attempt=start.attempt, content=answer, usage=None, status=status
+    )
