@@ -3,15 +3,17 @@ call. They are synchronous (the ORM); async callers wrap them with database_call
 (grizz/database.py), except `reply_cancel`, which mostly talks to Redis.
 """
 
+import contextlib
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Max, OuterRef, Subquery
+from django.db.models import OuterRef, Subquery
 from django.utils import timezone
 
 from chat.models import Conversation, Message
@@ -96,41 +98,11 @@ def message_send(
     """Save a user message and its queued reply. The caller enqueues the job after this
     returns, that is after the commit, so no job ever names rows that do not exist.
 
-    A resend (a client_msg_id saved before) returns the first send's rows. Both cases end in
-    an IntegrityError from a constraint rather than in a query beforehand: the message of a
-    turn costs five round trips (docs/performance.md)."""
-    try:
-        with transaction.atomic():
-            return _message_create(
-                conversation=conversation,
-                content=content,
-                client_msg_id=client_msg_id,
-                job_id=job_id or uuid.uuid4(),
-            )
-    except IntegrityError:
-        # The same client_msg_id (a resend, or a race with one), or another active reply.
-        if client_msg_id:
-            earlier = message_find_sent(conversation=conversation, client_msg_id=client_msg_id)
-            if earlier is not None:
-                return earlier
-        raise ConversationBusy() from None
-
-
-def _message_create(
-    *,
-    conversation: Conversation,
-    content: str,
-    client_msg_id: str | None,
-    job_id: uuid.UUID | str,
-) -> SentMessage:
-    # The update takes the conversation's row lock: senders on one conversation go one at a
-    # time, so positions are gap-free. A second active reply is refused by the
-    # message_one_active_reply constraint.
-    Conversation.objects.filter(id=conversation.id).update(updated_at=timezone.now())
-    last = conversation.messages.aggregate(last=Max("position"))["last"] or 0
+    A resend (a client_msg_id saved before) returns the first send's rows. Both that and a
+    second active reply end in an IntegrityError from a constraint rather than in a query
+    beforehand: the message of a turn is one statement (docs/performance.md)."""
     message = Message(
         conversation=conversation,
-        position=last + 1,
         role=Message.Role.USER,
         content=content,
         status=Message.Status.COMPLETE,
@@ -138,13 +110,61 @@ def _message_create(
     )
     reply = Message(
         conversation=conversation,
-        position=last + 2,
         role=Message.Role.ASSISTANT,
         status=Message.Status.QUEUED,
-        job_id=job_id,
+        job_id=job_id or uuid.uuid4(),
     )
-    Message.objects.bulk_create([message, reply])
+    try:
+        _messages_insert(conversation=conversation, message=message, reply=reply)
+    except IntegrityError:
+        # The same client_msg_id (a resend, or a race with one), or another active reply.
+        if client_msg_id:
+            earlier = message_find_sent(conversation=conversation, client_msg_id=client_msg_id)
+            if earlier is not None:
+                return earlier
+        raise ConversationBusy() from None
     return SentMessage(message=message, reply=reply, created=True)
+
+
+def _messages_insert(*, conversation: Conversation, message: Message, reply: Message) -> None:
+    """Insert a turn's two rows after the conversation's last and touch the conversation, in
+    one statement committed on its own. The update takes the conversation's row lock, so a
+    concurrent sender waits for this commit; its positions (read from its statement's
+    snapshot) are then taken, and message_unique_position refuses its rows."""
+    now = timezone.now()
+    values: list[Any] = [now, conversation.id, conversation.id]
+    for row in (message, reply):
+        row.created_at = row.updated_at = now
+        values.extend(
+            field.get_db_prep_save(getattr(row, field.attname), connection)
+            for field in _INSERTED_FIELDS
+        )
+    # Within a caller's transaction, a savepoint keeps a refused insert from aborting it.
+    savepoint = transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext()
+    with savepoint, connection.cursor() as cursor:
+        cursor.execute(_MESSAGES_INSERT_SQL, values)
+        message.position, reply.position = sorted(position for (position,) in cursor.fetchall())
+    for row in (message, reply):
+        row._state.adding = False  # saved: a later save() updates it, as after Model.save()
+        row._state.db = connection.alias
+
+
+# Every column of a message but its position, which the statement computes.
+_INSERTED_FIELDS = [field for field in Message._meta.concrete_fields if field.attname != "position"]
+_PLACEHOLDERS = ", ".join(["%s"] * len(_INSERTED_FIELDS))
+_MESSAGES_INSERT_SQL = f"""
+WITH touched AS (
+    UPDATE {Conversation._meta.db_table} SET updated_at = %s WHERE id = %s
+), last AS (
+    SELECT COALESCE(MAX(position), 0) AS position FROM {Message._meta.db_table}
+    WHERE conversation_id = %s
+)
+INSERT INTO {Message._meta.db_table}
+    (position, {", ".join(connection.ops.quote_name(str(f.column)) for f in _INSERTED_FIELDS)})
+VALUES ((SELECT position FROM last) + 1, {_PLACEHOLDERS}),
+       ((SELECT position FROM last) + 2, {_PLACEHOLDERS})
+RETURNING position
+"""
 
 
 def message_find_sent(*, conversation: Conversation, client_msg_id: str) -> SentMessage | None:
