@@ -5,7 +5,8 @@
 """
 
 import asyncio
-from collections.abc import AsyncGenerator, Mapping
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -94,13 +95,15 @@ class OpenAIProvider:
         try:
             # Leaving the block closes the HTTP response: a cancelled job stops paying.
             async with request as response:
-                async for line in response.iter_lines():
+                lines = response.iter_lines()
+                async for line in lines:
                     if not line.startswith("data:"):
                         continue  # the blank line after each event, a comment (keep-alive)
                     data = line[5:].strip()
                     if data == "[DONE]":
-                        return
+                        break
                     yield _chunk_from_data(data)
+                await _rest_read(lines)
         except openai.APIStatusError as error:
             raise ProviderError(
                 f"The model provider refused the request ({error.status_code}): "
@@ -114,6 +117,21 @@ class OpenAIProvider:
                 f"The model provider could not be reached or broke off: {error!r}",
                 retryable=True,
             ) from error
+
+
+# How long the end of a response may take to come after its [DONE] event.
+REST_READ_SECONDS = 1.0
+
+
+async def _rest_read(lines: AsyncIterator[str]) -> None:
+    """Read what follows [DONE], the end of the response's body (the last, empty chunk). A
+    response closed before its end has been read closes its connection too; read to the end,
+    it goes back to the client's pool, and the next reply skips a TCP (and TLS) handshake.
+    A provider that keeps the response open after [DONE] loses its connection instead."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(REST_READ_SECONDS):
+            async for _ in lines:
+                pass
 
 
 def _chunk_from_data(data: str) -> Chunk:

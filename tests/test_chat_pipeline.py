@@ -79,6 +79,18 @@ async def test_it_sends_the_earlier_turns_in_the_prompt(alice, fake_llm, worker)
     await socket.close()
 
 
+async def test_it_keeps_the_providers_connection_for_the_next_reply(alice, fake_llm, worker):
+    # A response closed before the end of its body closes its connection: every reply would
+    # then pay a new TCP (and, to a real provider, TLS) handshake before its first token.
+    socket = await chat_opened(alice)
+    for text in ("One?", "Two?", "Three?"):
+        await socket.send({"type": "message", "content": text})
+        assert (await socket.receive_until("done"))[-1]["status"] == "complete"
+    assert len(fake_llm.requests) == 3
+    assert fake_llm.connection_count == 1
+    await socket.close()
+
+
 async def test_it_streams_to_every_socket_of_the_conversation_only(alice, bob, fake_llm, worker):
     fake_llm.default = Behaviour(reply=REPLY, interval=0.01)
     conversation = await _conversation(alice)

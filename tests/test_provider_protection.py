@@ -258,6 +258,24 @@ async def test_a_stream_that_stalls_midway_times_out(
     await socket.close()
 
 
+async def test_a_response_left_open_after_its_end_still_completes_the_reply(
+    alice, fake_llm, worker
+):
+    # [DONE] is the answer's end: waiting on for the body's end is bounded (a second), far
+    # below the request's read timeout, and that connection is closed, not reused.
+    fake_llm.default = Behaviour(tokens=TOKENS, open_after_done=True)
+    socket = await chat_opened(alice)
+    queued = await message_queued(socket)
+
+    frames = await socket.receive_until("done", timeout=15)
+    await asyncio.to_thread(fake_llm.wait_for_disconnect, 10)
+
+    assert (frames[-1]["status"], frames[-1]["content"]) == ("complete", ANSWER)
+    assert answer_of(frames, queued["job_id"]) == ANSWER
+    assert (await _reply(queued["job_id"])).status == "complete"
+    await socket.close()
+
+
 async def test_the_result_timeout_bounds_the_retries_of_stalled_requests(
     alice, fake_llm, service_env, start_worker
 ):

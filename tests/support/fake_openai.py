@@ -63,6 +63,7 @@ class Behaviour:
     hang_after: int | None = None  # send N tokens, then stall with the connection open
     cut_after: int | None = None  # send N tokens, then drop the connection mid-body
     hold_after: int | None = None  # send N tokens, then wait for ``FakeOpenAI.release()``
+    open_after_done: bool = False  # send [DONE], then keep the response open, never ending it
     usage: bool = True  # report usage (streams only when ``include_usage`` is asked)
 
     def __post_init__(self) -> None:
@@ -822,6 +823,8 @@ async def _answer_stream(
     if behaviour.hang_after is not None:
         await exchange.hang()
     await exchange.send(_stream_tail(call, behaviour, len(tokens)))
+    if behaviour.open_after_done:
+        await exchange.hang()
     return keep_alive
 
 
@@ -829,7 +832,8 @@ def _stream_tail(call: _ChatCall, behaviour: Behaviour, completion_tokens: int) 
     tail = _sse_frame(call.chunk({}, finish_reason="stop"))
     if call.include_usage and behaviour.usage:
         tail += _sse_frame(call.usage_chunk(completion_tokens))
-    return tail + _sse_frame("[DONE]") + _END_OF_CHUNKED_BODY
+    tail += _sse_frame("[DONE]")
+    return tail if behaviour.open_after_done else tail + _END_OF_CHUNKED_BODY
 
 
 async def _answer_whole(
