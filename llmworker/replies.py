@@ -409,6 +409,10 @@ class ReplyListener(Protocol):
     def reply_frames_maybe_missed(self) -> None: ...
 
 
+# How long the hub's reader waits for a frame before it checks the connection's health.
+HUB_QUIET_SECONDS = 30
+
+
 class ReplyHub:
     """One per web process: a single pub/sub connection shared by every socket."""
 
@@ -458,8 +462,7 @@ class ReplyHub:
         backoff = 0.1
         while True:
             try:
-                # A bounded wait lets the health check (a PING every 30 s) find a dead peer.
-                message = await self.pubsub.get_message(timeout=30)
+                reply = await self._next_reply()
                 backoff = 0.1
             except (RedisError, OSError) as error:
                 logger.warning("reply hub lost Redis (%s); reconnecting", error)
@@ -467,8 +470,32 @@ class ReplyHub:
                 backoff = min(backoff * 2, 5.0)
                 await self._reconnect()
                 continue
-            if message is not None:
-                self._dispatch_safely(message)
+            if reply is not None:
+                self._dispatch_safely(reply)
+
+    async def _next_reply(self) -> list[Any] | None:
+        """The next reply on the pub/sub connection, None after HUB_QUIET_SECONDS of quiet.
+
+        Read from the connection itself: PubSub.get_message wraps every read in a health
+        check, a retry, a timing record and a dict, the largest part of what a frame cost
+        the web's reader (docs/performance.md). Of that, what the hub needs happens here
+        off the hot path: the health check (a PING, when nothing has come for a while, finds
+        a dead peer) and PubSub's bookkeeping of its (un)subscriptions."""
+        # None until the first subscribe, whatever redis-py's annotation says.
+        connection = cast(aioredis.Connection | None, self.pubsub.connection)
+        if connection is None or not connection.is_connected:
+            raise ConnectionError("the reply hub's pub/sub connection is closed")
+        reply = await connection.read_response(
+            timeout=HUB_QUIET_SECONDS, disconnect_on_error=False, push_request=True
+        )
+        if reply is None:
+            await self.pubsub.check_health()  # type: ignore[no-untyped-call]
+            return None
+        if not isinstance(reply, list):
+            return None  # the health check's answer when no channel is subscribed
+        if reply[0] != "message":
+            await self.pubsub.handle_message(reply)  # type: ignore[no-untyped-call]
+        return reply
 
     async def _reconnect(self) -> None:
         with contextlib.suppress(RedisError, OSError):
@@ -488,23 +515,24 @@ class ReplyHub:
     def _listeners_of(self, channels: Iterable[str]) -> list[ReplyListener]:
         return [listener for channel in channels for listener in self.listeners.get(channel, ())]
 
-    def _dispatch_safely(self, message: dict[str, Any]) -> None:
+    def _dispatch_safely(self, reply: list[Any]) -> None:
         # One bad message must not stop the reader: every socket of the process depends on it.
         try:
-            self._dispatch(message)
+            self._dispatch(reply)
         except Exception:
-            logger.exception("reply hub could not dispatch %r", message)
+            logger.exception("reply hub could not dispatch %r", reply)
 
-    def _dispatch(self, message: dict[str, Any]) -> None:
-        channel = message["channel"]
-        if message["type"] == "subscribe":
+    def _dispatch(self, reply: list[Any]) -> None:
+        # ["message", channel, data], ["subscribe", channel, count], ["pong", ...], ...
+        kind, channel = reply[0], reply[1]
+        if kind == "subscribe":
             confirmation = self.confirmations.pop(channel, None)
             if confirmation is not None and not confirmation.done():
                 confirmation.set_result(None)
             return
-        if message["type"] != "message":
+        if kind != "message":
             return
-        raw = message["data"]
+        raw = reply[2]
         frame = orjson.loads(raw)
         for listener in list(self.listeners.get(channel, ())):
             listener.reply_frame_received(frame, raw)

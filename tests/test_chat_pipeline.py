@@ -4,15 +4,18 @@ process → the loopback OpenAI-compatible server → back to every socket on th
 import asyncio
 import json
 import signal
+from collections.abc import Callable
 from typing import Any, cast
 
 import pytest
 import websockets
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from redis.asyncio import Connection
 
 from chat.models import Message
 from chat.services import conversation_create
+from llmworker import replies
 from llmworker.redis import StreamsRead, redis_get, reply_log_key
 from llmworker.replies import reply_hub_get
 from tests.support.fake_openai import Behaviour
@@ -283,6 +286,35 @@ async def test_it_recovers_frames_lost_with_the_pubsub_connection(
     assert done["seq"] > live[-1]  # frames came after the drop: from the replay log
     assert answer_of(socket.frames, queued["job_id"]) == done["content"] == "".join(tokens)
     await socket.close()
+
+
+async def test_the_hub_checks_its_connection_when_quiet_and_goes_on(
+    alice, fake_llm, worker, monkeypatch
+):
+    monkeypatch.setattr(replies, "HUB_QUIET_SECONDS", 0.05)
+    fake_llm.default = Behaviour(reply=REPLY, interval=0.01)
+    socket = await chat_opened(alice)
+    connection = cast(Connection, reply_hub_get().pubsub.connection)
+    connection.health_check_interval, connection.next_health_check = 0.05, 0
+
+    # Nothing is published: the reader's wait ends and it sends its health check.
+    hub = f"grizz-hub:{settings.REDIS_KEY_PREFIX}"
+    await _until(lambda clients: any(c["cmd"] == "ping" for c in clients if c["name"] == hub))
+    queued = await message_queued(socket)
+    done = (await socket.receive_until("done"))[-1]
+
+    assert done["status"] == "complete"
+    assert answer_of(socket.frames, queued["job_id"]) == REPLY
+    await socket.close()
+
+
+async def _until(condition: Callable[[list[dict[str, Any]]], bool]) -> None:
+    """Until Redis's client list meets `condition` (within 10 s); Redis has no event for it."""
+    for _ in range(200):
+        if condition(await redis_get().client_list()):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("Redis's client list never showed it")
 
 
 def _hub_reconnect_held(monkeypatch) -> tuple[asyncio.Event, asyncio.Event]:
