@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import os
 import socket
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,13 +47,15 @@ def host_name() -> str:
 
 
 def _claims_dir() -> Path:
+    user_dir = Path(tempfile.gettempdir()) / f"grizz-consumers-{os.getuid()}"
+    user_dir.mkdir(mode=0o700, exist_ok=True)
+    found = os.lstat(user_dir)
+    # In a shared temporary directory: another user's (or a link) could swap our claims.
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid():
+        raise NameInUse(f"{user_dir} is not a directory of this user's; remove it")
     deployment = f"{settings.REDIS_URL}\0{settings.REDIS_KEY_PREFIX}".encode()
-    path = (
-        Path(tempfile.gettempdir())
-        / f"grizz-consumers-{os.getuid()}"
-        / hashlib.sha256(deployment).hexdigest()[:16]
-    )
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = user_dir / hashlib.sha256(deployment).hexdigest()[:16]
+    path.mkdir(mode=0o700, exist_ok=True)
     return path
 
 

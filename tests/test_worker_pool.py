@@ -6,6 +6,7 @@ is test_delivery's; here, that the supervisor restarts a slot under its name.)""
 import asyncio
 import os
 import re
+import select
 import signal
 import socket
 import sys
@@ -32,12 +33,17 @@ def _children_pids(pool: ServiceProcess) -> list[int]:
     return [int(pid) for pid in re.findall(r": started, pid (\d+)", pool.output)]
 
 
-def _alive(pid: int) -> bool:
+def _ended(pid: int, timeout: float = 0.0) -> bool:
+    """Whether the process has ended, or ends within the timeout (a pidfd is readable once
+    it has exited, even before whoever reaps it has)."""
     try:
-        os.kill(pid, 0)
+        pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
-        return False
-    return True
+        return True
+    try:
+        return bool(select.select([pidfd], [], [], timeout)[0])
+    finally:
+        os.close(pidfd)
 
 
 async def test_it_restarts_a_killed_worker_child(alice, fake_llm, start_pool):
@@ -54,7 +60,7 @@ async def test_it_restarts_a_killed_worker_child(alice, fake_llm, start_pool):
 
     assert f"slot 1 ({name}): pid {killed} killed by SIGKILL" in pool.output
     assert f"slot 1 ({name}): restart in 0.5s" in pool.output
-    assert restarted != killed and _alive(restarted)
+    assert restarted != killed and not _ended(restarted)
     assert pool.output.count("slot 0 (") == 1, "only the killed slot restarts"
     assert (done["job_id"], done["status"]) == (queued["job_id"], "complete")
     assert done["content"] == "Hello from the fake model."
@@ -90,7 +96,7 @@ async def test_it_gives_up_after_too_many_crashes(service_env, start_pool):
     assert pool.output.count("exited with code 137") >= 3
     assert pool.output.count(": restart in ") == 2
     assert pool.output.rstrip().endswith("supervisor: stopped")
-    assert not any(_alive(pid) for pid in _children_pids(pool))
+    assert all(_ended(pid, 10) for pid in _children_pids(pool))
 
 
 async def test_it_stops_every_child_on_sigterm(start_pool):
@@ -106,7 +112,19 @@ async def test_it_stops_every_child_on_sigterm(start_pool):
         assert f"worker stopping-{RUN_ID}-{slot}: stopped" in pool.output
     assert pool.output.count("exited with code 0") == 2
     assert "restart in" not in pool.output
-    assert not any(_alive(pid) for pid in pids)
+    assert all(_ended(pid, 10) for pid in pids)
+
+
+async def test_it_stops_a_child_whose_supervisor_is_killed(start_pool):
+    pool = await asyncio.to_thread(start_pool, "orphaned", processes=1)
+    child = _child_pid(pool, 0)
+
+    pool.kill()
+    # The child writes to the same pipe: its lines still arrive.
+    await asyncio.to_thread(pool.wait_for_line, rf"worker orphaned-{RUN_ID}-0: stopped")
+
+    assert f"its supervisor (pid {pool.process.pid}) is gone; stopping" in pool.output
+    assert await asyncio.to_thread(_ended, child, 10)
 
 
 # Consumer names
