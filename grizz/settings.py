@@ -272,6 +272,9 @@ LLM_REPLAY_TTL_SECONDS = envint("LLM_REPLAY_TTL_SECONDS", 300, minimum=10)
 # and for a reply's first frame, at once. 0: a round as soon as the one before is answered.
 LLM_FRAME_BATCH_MS = envint("LLM_FRAME_BATCH_MS", 5, minimum=0, maximum=30)
 LLM_WORKER_CONCURRENCY = envint("LLM_WORKER_CONCURRENCY", 512, minimum=1)
+# Worker processes of one `run_llm_worker` (its --processes): more than one runs a
+# supervisor that starts them, restarts those that die and stops them all on SIGTERM.
+LLM_WORKER_PROCESSES = envint("LLM_WORKER_PROCESSES", 1, minimum=1)
 # A job whose worker has not renewed its lease for this long is taken over by another worker.
 LLM_JOB_LEASE_SECONDS = envfloat("LLM_JOB_LEASE_SECONDS", 30.0, minimum=0.5)
 # Deliveries of one job (worker crashes included) before it goes to the dead-letter stream.

@@ -26,6 +26,7 @@ from llmworker.replies import ReplyPublisher
 logger = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 5000
+CANCELS_POLL_SECONDS = 1.0
 TRANSIENT_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
 replies_fail_for_entries = database_call(chat_services.replies_fail_for_entries)
@@ -89,14 +90,17 @@ class Worker:
             asyncio.create_task(self._every(self.lease / 3, self._leases_renew)),
             asyncio.create_task(self._every(self.lease / 2, self._jobs_reclaim)),
             asyncio.create_task(self._every(settings.LLM_RECONCILE_SECONDS, self._reconcile)),
-            asyncio.create_task(self._cancels_listen()),
         ]
+        # Not cancelled but left to end: cancelling redis-py's (8.1) PubSub.get_message soon
+        # after the subscription can hang for ever, and with it a worker told to stop.
+        cancels = asyncio.create_task(self._cancels_listen())
         while not self.shutdown.is_set():
             await self._step()
         for chore in chores:
             chore.cancel()
         await asyncio.gather(*chores, return_exceptions=True)
         await self._drain()
+        await cancels
         logger.info("worker %s: stopped", self.name)
 
     async def _group_ensure(self) -> None:
@@ -290,14 +294,15 @@ class Worker:
             logger.warning("job %s: found without a queue entry; enqueued again", job.job_id)
 
     async def _cancels_listen(self) -> None:
+        """Until the shutdown, within CANCELS_POLL_SECONDS of it."""
         backoff = Backoff()
         while not self.shutdown.is_set():
             pubsub = redis_pubsub_client().pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(cancel_channel())
                 backoff.reset()
-                while True:
-                    message = await pubsub.get_message(timeout=30)
+                while not self.shutdown.is_set():
+                    message = await pubsub.get_message(timeout=CANCELS_POLL_SECONDS)
                     if message is not None:
                         self._cancel_job(message["data"])
             except TRANSIENT_ERRORS as error:

@@ -1,5 +1,8 @@
 """`make run`: set up and start Grizz locally (web + worker from the Procfile, via honcho).
 
+honcho stops every process when one exits; the Procfile's worker is a supervisor that
+restarts a crashed worker process itself, so that one crash does not stop the web.
+
 Uses the Redis at REDIS_URL, or starts a private redis-server when none answers; without
 OPENAI_API_KEY the worker streams from the built-in demo model.
 """

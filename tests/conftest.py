@@ -17,7 +17,13 @@ from django.contrib.auth.models import User
 from chat.models import Conversation
 from chat.services import conversation_create
 from tests.support.fake_openai import Behaviour, FakeOpenAI
-from tests.support.processes import ServiceProcess, daphne_start, free_port, worker_start
+from tests.support.processes import (
+    ServiceProcess,
+    daphne_start,
+    free_port,
+    pool_start,
+    worker_start,
+)
 
 RUN_ID = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
@@ -141,8 +147,9 @@ def start_worker(service_env: dict[str, str]) -> Iterator[Callable[..., ServiceP
     """Start more workers within one test; each is stopped at its end."""
     started: list[ServiceProcess] = []
 
-    def start(name: str, **options: Any) -> ServiceProcess:
-        process = worker_start(env=service_env, name=f"{name}-{RUN_ID}", **options)
+    def start(name: str | None, **options: Any) -> ServiceProcess:
+        named = None if name is None else f"{name}-{RUN_ID}"  # None: <host>-<n>
+        process = worker_start(env=service_env, name=named, **options)
         started.append(process)
         return process
 
@@ -150,6 +157,23 @@ def start_worker(service_env: dict[str, str]) -> Iterator[Callable[..., ServiceP
     for process in started:
         process.stop()
         print(f"--- output of {process.args[3]} ---\n{process.output}")  # shown on failure
+
+
+@pytest.fixture
+def start_pool(service_env: dict[str, str]) -> Iterator[Callable[..., ServiceProcess]]:
+    """Start supervised worker pools (`start("pool", processes=2)`: children pool-<run>-0
+    and pool-<run>-1); each still running is stopped at the test's end."""
+    started: list[ServiceProcess] = []
+
+    def start(name: str, **options: Any) -> ServiceProcess:
+        process = pool_start(env=service_env, name=f"{name}-{RUN_ID}", **options)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+        print(f"--- output of the pool {process.args[3]} ---\n{process.output}")  # on failure
 
 
 @pytest.fixture

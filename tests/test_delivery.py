@@ -22,6 +22,7 @@ from llmworker.redis import WORKER_GROUP, StreamEntries, jobs_stream_key, redis_
 from tests.support.dead_letters import dead_letters_once_written
 from tests.support.fake_openai import Behaviour
 from tests.support.processes import ServiceProcess
+from tests.support.restarts import reply_completed_once, reply_streaming_on_a_long_lease
 from tests.support.sockets import ChatSocket, answer_of, chat_opened, message_queued, token_for
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
@@ -666,23 +667,14 @@ async def test_exhausted_retries_end_in_the_dead_letters_and_leave_the_queue(
 async def test_a_worker_restarted_under_its_name_resumes_its_jobs_at_once(
     alice, fake_llm, service_env, start_worker
 ):
-    # A lease far longer than the wait below: no takeover could bring the job back in time.
-    service_env["LLM_JOB_LEASE_SECONDS"] = "60"
-    fake_llm.enqueue(Behaviour(tokens=TOKENS, hold_after=3))
-    fake_llm.default = Behaviour(tokens=TOKENS)
-    first = await asyncio.to_thread(start_worker, "steady")
-    socket = await chat_opened(alice)
-    queued = await message_queued(socket)
-    await socket.receive()  # text is streaming
+    first, socket, queued = await reply_streaming_on_a_long_lease(
+        alice, fake_llm, service_env, lambda: start_worker("steady")
+    )
 
     await asyncio.to_thread(first.kill)
     again = await asyncio.to_thread(start_worker, "steady")
-    frames = await socket.receive_until("done", timeout=20)
 
-    assert "restart" in [f["type"] for f in frames]
-    assert answer_of(socket.frames, queued["job_id"]) == frames[-1]["content"] == ANSWER
-    [reply] = await _replies_for(queued["job_id"])
-    assert (reply.status, reply.attempt) == ("complete", 2)
+    await reply_completed_once(socket, queued["job_id"])
     assert "took over" not in again.output
     await socket.close()
 

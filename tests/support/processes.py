@@ -53,20 +53,27 @@ class ServiceProcess:
         with self.changed:
             return "".join(self.lines)
 
-    def wait_for_line(self, pattern: str, timeout: float = 20.0) -> str:
+    def wait_for_line(self, pattern: str, timeout: float = 20.0, *, count: int = 1) -> str:
+        """The `count`-th line that matches, once printed."""
         regex = re.compile(pattern)
+
+        def matches() -> list[str]:
+            return [line for line in self.lines if regex.search(line)]
+
         with self.changed:
             found = self.changed.wait_for(
                 lambda: (
-                    any(regex.search(line) for line in self.lines)
+                    len(matches()) >= count
                     or (self.process.poll() is not None and not self.reader.is_alive())
                 ),
                 timeout=timeout,
             )
-            match = next((line for line in self.lines if regex.search(line)), None)
-        if not found or match is None:
-            raise AssertionError(f"{self.args[1:3]} never printed {pattern!r}:\n{self.output}")
-        return match
+            matched = matches()
+        if not found or len(matched) < count:
+            raise AssertionError(
+                f"{self.args[1:3]} never printed {pattern!r} {count} times:\n{self.output}"
+            )
+        return matched[count - 1]
 
     def send_signal(self, signum: int) -> None:
         self.process.send_signal(signum)
@@ -91,21 +98,38 @@ class ServiceProcess:
         self.reader.join(timeout=5)
 
 
+def _worker_args(*, name: str | None, concurrency: int, grace: float) -> list[str]:
+    named = [] if name is None else [f"--name={name}"]
+    args = [sys.executable, "manage.py", "run_llm_worker", *named]
+    return [*args, f"--concurrency={concurrency}", f"--grace={grace}"]
+
+
 def worker_start(
-    *, env: dict[str, str], name: str, concurrency: int = 8, grace: float = 10.0
+    *, env: dict[str, str], name: str | None, concurrency: int = 8, grace: float = 10.0
 ) -> ServiceProcess:
-    process = ServiceProcess(
-        [
-            sys.executable,
-            "manage.py",
-            "run_llm_worker",
-            f"--name={name}",
-            f"--concurrency={concurrency}",
-            f"--grace={grace}",
-        ],
-        env=env,
-    )
+    """One worker process, unsupervised; without a name, it takes the lowest free
+    <host>-<n>."""
+    process = ServiceProcess(_worker_args(name=name, concurrency=concurrency, grace=grace), env=env)
     process.wait_for_line(r"worker \S+: ready")
+    return process
+
+
+def pool_start(
+    *,
+    env: dict[str, str],
+    name: str,
+    processes: int,
+    options: tuple[str, ...] = (),
+    ready: bool = True,
+    concurrency: int = 8,
+    grace: float = 10.0,
+) -> ServiceProcess:
+    """A supervised pool of `processes` workers named <name>-0, <name>-1...; waits until
+    each is ready, unless `ready` is false."""
+    args = _worker_args(name=name, concurrency=concurrency, grace=grace)
+    process = ServiceProcess([*args, f"--processes={processes}", "--supervise", *options], env=env)
+    for slot in range(processes if ready else 0):
+        process.wait_for_line(rf"worker {re.escape(name)}-{slot}: ready")
     return process
 
 

@@ -1,14 +1,15 @@
 import asyncio
 import multiprocessing
-import os
 import signal
-import socket
+import sys
 from typing import Any
 
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from grizz.eventloop import event_loop_policy_install
+from llmworker.names import NameInUse, consumer_name_claim, host_name, names_claim_free
+from llmworker.supervisor import Supervisor, supervisor_watch
 from llmworker.worker import Worker
 
 
@@ -20,13 +21,14 @@ class Command(BaseCommand):
             "--concurrency",
             type=int,
             default=settings.LLM_WORKER_CONCURRENCY,
-            help="replies generated at once by this process (default %(default)s)",
+            help="replies generated at once by each worker process (default %(default)s)",
         )
         parser.add_argument(
             "--name",
-            default=f"{socket.gethostname()}-{os.getpid()}",
-            help="consumer name in the group; keep it stable across restarts to pick up "
-            "this worker's unfinished jobs at once (default: host-pid)",
+            default=None,
+            help="consumer name in the group, refused while a live process of this host has "
+            "it; with a supervisor, the base of its children's names <name>-<n> (default: "
+            "the lowest free <host>-<n>)",
         )
         parser.add_argument(
             "--grace",
@@ -34,17 +36,66 @@ class Command(BaseCommand):
             default=25.0,
             help="seconds in-flight jobs may take to finish after SIGTERM (default %(default)s)",
         )
+        parser.add_argument(
+            "--processes",
+            type=int,
+            default=settings.LLM_WORKER_PROCESSES,
+            help="worker processes; more than one runs them under a supervisor "
+            "(default LLM_WORKER_PROCESSES, %(default)s)",
+        )
+        parser.add_argument(
+            "--supervise",
+            action="store_true",
+            help="run even one process under a supervisor that restarts it when it dies",
+        )
+        parser.add_argument(
+            "--max-restarts",
+            type=int,
+            default=5,
+            help="the supervisor gives up (exit code 1) after more crashes than this "
+            "within --restart-window (default %(default)s)",
+        )
+        parser.add_argument(
+            "--restart-window",
+            type=float,
+            default=60.0,
+            help="seconds over which --max-restarts counts crashes (default %(default)s)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        multiprocessing.current_process().name = options["name"]  # shown in every log line
+        if options["processes"] < 1:
+            raise CommandError("--processes must be at least 1")
+        if options["processes"] > 1 or options["supervise"]:
+            sys.exit(self.supervise(options))
+        try:
+            claim = consumer_name_claim(options["name"])
+        except NameInUse as error:
+            raise CommandError(str(error)) from None
+        multiprocessing.current_process().name = claim.name  # shown in every log line
         event_loop_policy_install()
-        asyncio.run(self.run(options))
+        asyncio.run(self.run(claim.name, options))
 
-    async def run(self, options: dict[str, Any]) -> None:
-        worker = Worker(
-            name=options["name"], concurrency=options["concurrency"], grace=options["grace"]
+    def supervise(self, options: dict[str, Any]) -> int:
+        base = options["name"] or host_name()
+        try:
+            claims = names_claim_free(base, options["processes"])
+        except NameInUse as error:
+            raise CommandError(str(error)) from None
+        multiprocessing.current_process().name = f"{base}-supervisor"
+        supervisor = Supervisor(
+            claims=claims,
+            concurrency=options["concurrency"],
+            grace=options["grace"],
+            max_restarts=options["max_restarts"],
+            restart_window=options["restart_window"],
         )
+        return supervisor.run()
+
+    async def run(self, name: str, options: dict[str, Any]) -> None:
+        worker = Worker(name=name, concurrency=options["concurrency"], grace=options["grace"])
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, worker.shutdown.set)
+        watch = asyncio.create_task(supervisor_watch(worker.shutdown))
         await worker.run()
+        watch.cancel()

@@ -1,0 +1,224 @@
+"""The supervisor of a worker pool (`run_llm_worker --processes P`, or `--supervise`).
+
+It starts P children, each `manage.py run_llm_worker --processes 1` under the name of its
+slot, restarts a child that exits without being asked to (whatever its exit code) after an
+exponential backoff, and gives up, exit code 1, after more than `max_restarts` crashes
+within `restart_window` seconds, stopping the other children first: a crash loop is then
+the platform's to see. SIGTERM or SIGINT go to every child as SIGTERM; each stops reading
+and finishes or hands back its jobs within its grace, and the supervisor exits 0.
+
+Children are fresh interpreters (subprocess, not multiprocessing's fork): nothing of the
+supervisor (an event loop, a Redis or database connection, threads) is carried into them,
+and a child is exactly the worker that runs on its own. The supervisor does no I/O of its
+own besides its children; it waits on a self-pipe that signals (SIGCHLD included) write to.
+"""
+
+import asyncio
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from django.conf import settings
+
+from llmworker.names import LOCK_FD_ENV, NameClaim
+
+logger = logging.getLogger(__name__)
+
+PARENT_ENV = "GRIZZ_SUPERVISOR_PID"
+BACKOFF_FIRST = 0.5
+BACKOFF_MOST = 30.0
+# A child that ran this long before it died starts the backoff again from its first step.
+STABLE_SECONDS = 30.0
+# Beyond their grace, how long children may take to exit before they are killed.
+STOP_MARGIN = 10.0
+
+
+@dataclass
+class Slot:
+    number: int
+    claim: NameClaim
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restart_at: float | None = None
+    failures: int = 0  # consecutive crashes, for the backoff
+
+    @property
+    def label(self) -> str:
+        return f"slot {self.number} ({self.claim.name})"
+
+
+def _exit_status(code: int) -> str:
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+class Supervisor:
+    def __init__(
+        self,
+        *,
+        claims: list[NameClaim],
+        concurrency: int,
+        grace: float,
+        max_restarts: int,
+        restart_window: float,
+    ) -> None:
+        self.slots = [Slot(number, claim) for number, claim in enumerate(claims)]
+        self.concurrency = concurrency
+        self.grace = grace
+        self.max_restarts = max_restarts
+        self.restart_window = restart_window
+        self.crashes: deque[float] = deque()
+        self.shutdown = False
+        self.gave_up = False
+        self.stop_signal: int | None = None
+        self.wakeup, self._wakeup_write = socket.socketpair()
+
+    def run(self) -> int:
+        self._signals_install()
+        logger.info("supervisor: starting %d worker processes", len(self.slots))
+        for slot in self.slots:
+            self._start(slot)
+        while not self.shutdown:
+            self._wait(self._next_restart_in())
+            self._exited_reap()
+            self._restarts_due()
+        self._children_stop()
+        return 1 if self.gave_up else 0
+
+    # Signals: the handlers only set a flag; the self-pipe wakes the loop.
+
+    def _signals_install(self) -> None:
+        for end in (self.wakeup, self._wakeup_write):
+            end.setblocking(False)
+        signal.set_wakeup_fd(self._wakeup_write.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._stop_requested)
+        signal.signal(signal.SIGINT, self._stop_requested)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # only the wake-up
+
+    def _stop_requested(self, signum: int, frame: object) -> None:
+        if self.stop_signal is None:
+            self.stop_signal = signum
+        self.shutdown = True
+
+    def _wait(self, timeout: float | None) -> None:
+        select.select([self.wakeup], [], [], timeout)
+        while True:
+            try:
+                if not self.wakeup.recv(4096):
+                    return
+            except BlockingIOError:
+                return
+
+    # Children
+
+    def _start(self, slot: Slot) -> None:
+        slot.restart_at = None
+        args = [
+            sys.executable,
+            str(settings.BASE_DIR / "manage.py"),
+            "run_llm_worker",
+            "--processes=1",
+            f"--name={slot.claim.name}",
+            f"--concurrency={self.concurrency}",
+            f"--grace={self.grace}",
+        ]
+        env = {**os.environ, LOCK_FD_ENV: str(slot.claim.fd), PARENT_ENV: str(os.getpid())}
+        slot.started_at = time.monotonic()
+        try:
+            slot.process = subprocess.Popen(args, env=env, pass_fds=(slot.claim.fd,))
+        except OSError as error:
+            logger.error("%s: cannot start a worker process: %s", slot.label, error)
+            self._crashed(slot)
+            return
+        logger.info("%s: started, pid %d", slot.label, slot.process.pid)
+
+    def _exited_reap(self) -> None:
+        for slot in self.slots:
+            if slot.process is None or (code := slot.process.poll()) is None:
+                continue
+            level = logging.INFO if self.shutdown else logging.ERROR
+            logger.log(level, "%s: pid %d %s", slot.label, slot.process.pid, _exit_status(code))
+            slot.process = None
+            if not self.shutdown:
+                self._crashed(slot)  # exit code 0 too: it was not asked to stop
+
+    def _crashed(self, slot: Slot) -> None:
+        now = time.monotonic()
+        self.crashes.append(now)
+        while self.crashes[0] < now - self.restart_window:
+            self.crashes.popleft()
+        if len(self.crashes) > self.max_restarts:
+            self._give_up()
+            return
+        if now - slot.started_at >= STABLE_SECONDS:
+            slot.failures = 0
+        delay = min(BACKOFF_MOST, BACKOFF_FIRST * 2.0**slot.failures)
+        slot.failures += 1
+        slot.restart_at = now + delay
+        logger.warning("%s: restart in %.1fs", slot.label, delay)
+
+    def _give_up(self) -> None:
+        logger.critical(
+            "supervisor: giving up after %d crashes in %gs (--max-restarts %d); "
+            "stopping the other worker processes",
+            len(self.crashes), self.restart_window, self.max_restarts,
+        )  # fmt: skip
+        self.gave_up = self.shutdown = True
+
+    def _next_restart_in(self) -> float | None:
+        due = [slot.restart_at for slot in self.slots if slot.restart_at is not None]
+        return max(0.0, min(due) - time.monotonic()) if due else None
+
+    def _restarts_due(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            if not self.shutdown and slot.restart_at is not None and slot.restart_at <= now:
+                self._start(slot)
+
+    # Shutdown
+
+    def _running(self) -> list[Slot]:
+        return [slot for slot in self.slots if slot.process is not None]
+
+    def _children_stop(self) -> None:
+        if self.stop_signal is not None:
+            logger.info(
+                "supervisor: %s; stopping %d worker processes",
+                signal.Signals(self.stop_signal).name, len(self._running()),
+            )  # fmt: skip
+        for slot in self._running():
+            assert slot.process is not None
+            slot.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.grace + STOP_MARGIN
+        while self._running() and time.monotonic() < deadline:
+            self._wait(deadline - time.monotonic())
+            self._exited_reap()
+        for slot in self._running():
+            assert slot.process is not None
+            logger.error("%s: pid %d still running; killing it", slot.label, slot.process.pid)
+            slot.process.kill()
+            slot.process.wait()
+            slot.process = None
+        logger.info("supervisor: stopped")
+
+
+async def supervisor_watch(shutdown: asyncio.Event) -> None:
+    """In a child: stop when its supervisor is gone (killed itself, say), rather than run
+    on unsupervised."""
+    supervisor = os.environ.get(PARENT_ENV)
+    if not supervisor:
+        return
+    while not shutdown.is_set():
+        if os.getppid() != int(supervisor):
+            logger.warning("worker: its supervisor (pid %s) is gone; stopping", supervisor)
+            shutdown.set()
+            return
+        await asyncio.sleep(1.0)
