@@ -12,7 +12,7 @@ import enum
 import logging
 import math
 import random
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -86,27 +86,43 @@ class Watchdog:
     def kick(self) -> None:
         self.deadline = asyncio.get_running_loop().time() + self.seconds
 
-    async def within(self, awaitable: Awaitable[T]) -> T:
-        """Await, raising ResultTimeout at the deadline. The await is cancelled: a provider
-        stream cancelled mid-read closes its HTTP response, so nothing more is paid for."""
-        scope = asyncio.timeout_at(self.deadline)
+    @contextlib.asynccontextmanager
+    async def guarding(self) -> AsyncIterator[None]:
+        """Raise ResultTimeout in the block once the deadline passes without a kick. The
+        await it stops is cancelled: a provider stream cancelled mid-read closes its HTTP
+        response, so nothing more is paid for.
+
+        One timer for the whole block, which re-arms itself when it fires before a deadline
+        that kicks moved on: a timeout per chunk (asyncio.timeout, rescheduled) cost several
+        % of the worker's CPU per token (docs/performance.md)."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        expired = False
+
+        def check() -> None:
+            nonlocal expired
+            if loop.time() < self.deadline:
+                self.timer = loop.call_at(self.deadline, check)
+            else:
+                expired = True
+                task.cancel()
+
+        self.timer = loop.call_at(self.deadline, check)
         try:
-            async with scope:
-                return await awaitable
-        except TimeoutError:
-            if scope.expired():
+            yield
+        except asyncio.CancelledError:
+            # Ours, unless the task was cancelled by someone else too: then it stays so.
+            if expired and task.uncancel() == 0:
                 raise ResultTimeout(self.seconds) from None
             raise
+        finally:
+            self.timer.cancel()
 
-
-async def _next_chunk(chunks: AsyncGenerator[Chunk, None], watchdog: Watchdog) -> Chunk | None:
-    """The provider's next chunk (None at the end of the stream), within the watchdog."""
-    try:
-        chunk = await watchdog.within(anext(chunks))
-    except StopAsyncIteration:
-        return None
-    watchdog.kick()
-    return chunk
+    async def within(self, awaitable: Awaitable[T]) -> T:
+        """Await, raising ResultTimeout at the deadline."""
+        async with self.guarding():
+            return await awaitable
 
 
 def retry_delay(retry: int, retry_after: float | None) -> float:
@@ -267,10 +283,12 @@ class ReplyGeneration:
         self.usage = None
         chunks = self.provider.stream(messages=start.prompt, model=start.model)
         try:
-            while (chunk := await _next_chunk(chunks, watchdog)) is not None:
-                permit.succeeded()  # the provider answers: the waiting jobs may go
-                self.told_unavailable = False
-                self._take(chunk)
+            async with watchdog.guarding():
+                async for chunk in chunks:
+                    watchdog.kick()
+                    permit.succeeded()  # the provider answers: the waiting jobs may go
+                    self.told_unavailable = False
+                    self._take(chunk)
             await self.publisher.deltas_flush()
         finally:
             # Ends the HTTP stream at once if we stop early (a failed send of deltas).
