@@ -409,7 +409,7 @@ class ReplyListener(Protocol):
     def reply_frames_maybe_missed(self) -> None: ...
 
 
-# How long the hub's reader waits for a frame before it checks the connection's health.
+# How long the hub's connection may carry nothing before the hub checks its health.
 HUB_QUIET_SECONDS = 30
 
 
@@ -422,6 +422,7 @@ class ReplyHub:
         self.listeners: dict[str, set[ReplyListener]] = {}
         self.confirmations: dict[str, asyncio.Future[None]] = {}
         self.reader: asyncio.Task[None] | None = None
+        self.heartbeat: asyncio.Task[None] | None = None
         # redis-py's PubSub opens its connection lazily, with an await between the check and
         # the assignment: concurrent first subscribes would each open one, and all but the
         # last would be lost. One subscribe at a time.
@@ -457,6 +458,18 @@ class ReplyHub:
     def _reader_ensure(self) -> None:
         if self.reader is None or self.reader.done():
             self.reader = asyncio.create_task(self._read_forever(), name="reply-hub-reader")
+        if self.heartbeat is None or self.heartbeat.done():
+            self.heartbeat = asyncio.create_task(self._health_checks(), name="reply-hub-health")
+
+    async def _health_checks(self) -> None:
+        """A PING when the connection has carried nothing for HUB_QUIET_SECONDS: a peer that
+        is gone then shows as an error, and the reader reconnects. Apart from the reader, so
+        that its reads need no timeout of their own (a timer per frame)."""
+        while True:
+            await asyncio.sleep(HUB_QUIET_SECONDS)
+            # Not connected (between reconnections): the reader's to mend.
+            with contextlib.suppress(RedisError, OSError, RuntimeError):
+                await self.pubsub.check_health()  # type: ignore[no-untyped-call]
 
     async def _read_forever(self) -> None:
         backoff = 0.1
@@ -474,25 +487,23 @@ class ReplyHub:
                 self._dispatch_safely(reply)
 
     async def _next_reply(self) -> list[Any] | None:
-        """The next reply on the pub/sub connection, None after HUB_QUIET_SECONDS of quiet.
+        """The next reply on the pub/sub connection (None: nothing for the sockets).
 
         Read from the connection itself: PubSub.get_message wraps every read in a health
-        check, a retry, a timing record and a dict, the largest part of what a frame cost
-        the web's reader (docs/performance.md). Of that, what the hub needs happens here
-        off the hot path: the health check (a PING, when nothing has come for a while, finds
-        a dead peer) and PubSub's bookkeeping of its (un)subscriptions."""
+        check, a timeout, a retry, a timing record and a dict, the largest part of what a
+        frame cost the web's reader (docs/performance.md). Of that, what the hub needs
+        happens off the hot path: the health check (_health_checks) and PubSub's bookkeeping
+        of its (un)subscriptions, here."""
         # None until the first subscribe, whatever redis-py's annotation says.
         connection = cast(aioredis.Connection | None, self.pubsub.connection)
         if connection is None or not connection.is_connected:
             raise ConnectionError("the reply hub's pub/sub connection is closed")
+        # math.inf: no timeout (redis-py's opt-in); the health checks are _health_checks'.
         reply = await connection.read_response(
-            timeout=HUB_QUIET_SECONDS, disconnect_on_error=False, push_request=True
+            timeout=math.inf, disconnect_on_error=False, push_request=True
         )
-        if reply is None:
-            await self.pubsub.check_health()  # type: ignore[no-untyped-call]
-            return None
         if not isinstance(reply, list):
-            return None  # the health check's answer when no channel is subscribed
+            return None  # the health check's answer
         if reply[0] != "message":
             await self.pubsub.handle_message(reply)  # type: ignore[no-untyped-call]
         return reply
