@@ -101,6 +101,7 @@ class Worker:
         await asyncio.gather(*chores, return_exceptions=True)
         await self._drain()
         await cancels
+        await self.provider.aclose()
         logger.info("worker %s: stopped", self.name)
 
     async def _group_ensure(self) -> None:

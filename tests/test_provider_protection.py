@@ -258,6 +258,25 @@ async def test_a_stream_that_stalls_midway_times_out(
     await socket.close()
 
 
+async def test_a_provider_nobody_listens_for_fails_the_reply_with_the_reason(
+    alice, service_env, start_worker
+):
+    # Nothing listens on port 1: each connection is refused at once.
+    service_env.update(OPENAI_BASE_URL="http://127.0.0.1:1/v1", LLM_RETRY_LIMIT="1")
+    service_env.update(LLM_BREAKER_FAILURES="100")
+    await asyncio.to_thread(start_worker, "refused")
+    socket = await chat_opened(alice)
+    queued = await message_queued(socket)
+
+    error = (await socket.receive_until("error", timeout=30))[-1]
+
+    assert (error["code"], error["job_id"]) == ("llm_error", queued["job_id"])
+    assert "could not be reached" in error["message"]
+    assert "ConnectionRefusedError" in error["message"]  # the cause, not a wrapper's guess
+    assert (await _reply(queued["job_id"])).status == "failed"
+    await socket.close()
+
+
 async def test_a_response_left_open_after_its_end_still_completes_the_reply(
     alice, fake_llm, worker
 ):
