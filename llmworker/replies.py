@@ -25,6 +25,7 @@ from django.conf import settings
 from redis.exceptions import NoScriptError, RedisError
 
 from llmworker.redis import (
+    CommandBatches,
     StreamEntries,
     cancel_channel,
     conversation_channel,
@@ -144,6 +145,7 @@ class FrameEmitter:
     def __init__(self, client: aioredis.Redis) -> None:
         self.redis = client
         self.sha = script_get(client, EMIT_SCRIPT).sha
+        self.batches = CommandBatches(client)  # the rounds, one at a time
         self.ready: dict[ReplyPublisher, None] = {}  # an ordered set: who has frames queued
         self.sender: asyncio.Task[None] | None = None
         self.spacing = settings.LLM_FRAME_BATCH_MS / 1000
@@ -204,10 +206,9 @@ class FrameEmitter:
         return results
 
     async def _pipeline(self, calls: list[EmitCall]) -> list[Any]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for keys, args in calls:
-                pipe.evalsha(self.sha, len(keys), *keys, *args)
-            return await pipe.execute(raise_on_error=False)
+        return await self.batches.run(
+            [["EVALSHA", self.sha, len(keys), *keys, *args] for keys, args in calls]
+        )
 
 
 _emitters: "weakref.WeakKeyDictionary[aioredis.Redis, FrameEmitter]" = weakref.WeakKeyDictionary()
