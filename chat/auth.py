@@ -9,12 +9,12 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qs, urlsplit
 
-from asgiref.typing import ASGIReceiveCallable, ASGISendCallable
-from channels.auth import AuthMiddleware
-from channels.middleware import BaseMiddleware
+from asgiref.typing import ASGI3Application, ASGIReceiveCallable, ASGISendCallable
+from channels.auth import get_user
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
 from django.db import DatabaseError
+from django.http import parse_cookie
 from django.http.request import validate_host
 from rest_framework_simplejwt.authentication import JWTAuthentication
 from rest_framework_simplejwt.exceptions import AuthenticationFailed, InvalidToken, TokenError
@@ -72,59 +72,51 @@ def _token_from_subprotocols(scope: "_ChannelScope") -> str | None:
     return None
 
 
-class SessionReadMiddleware(BaseMiddleware):
-    """Channels' SessionMiddleware without its wrapper around every send: the socket's
-    session is there to find the signed-in user at connect, and a chat socket never changes
-    it. The wrapper checked at each send whether the session had changed, to save it: 4 % of
-    the web's CPU while replies stream, 18 % counting what it calls (bench profile). Needs
-    CookieMiddleware above it."""
+async def user_from_session(scope: "_ChannelScope") -> Any:
+    session_key = _session_key(scope)
+    if session_key is None:
+        return AnonymousUser()
+    session = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
+    # Channels' lookup (the session's user, checked against its auth hash), given only the
+    # session: the socket's scope needs neither it nor the cookies once the user is known.
+    return await get_user({"session": session})  # type: ignore[typeddict-item]
+
+
+def _session_key(scope: "_ChannelScope") -> str | None:
+    cookie_header = _header(scope, b"cookie")
+    return parse_cookie(cookie_header).get(settings.SESSION_COOKIE_NAME) if cookie_header else None
+
+
+class SocketAuthMiddleware:
+    """Puts the socket's user in scope["user"]: the token's when one is given, else the
+    session's when the socket comes from a page of our own origin, else AnonymousUser. A
+    database that is down leaves the socket anonymous and marked DATABASE_DOWN, instead of
+    daphne failing the handshake.
+
+    One layer in place of Channels' AuthMiddlewareStack (cookies, session, user): each of its
+    layers copied the scope and stayed suspended in the socket's task for the socket's life,
+    with the cookies and the session in the scope they kept, about 3 KiB of an idle socket.
+    Its session layer also wrapped every send to save a changed session, and a chat socket
+    never changes it (4 % of the web's CPU while replies streamed, bench profile)."""
+
+    def __init__(self, inner: ASGI3Application) -> None:
+        self.inner = inner
 
     async def __call__(
         self, scope: "_ChannelScope", receive: ASGIReceiveCallable, send: ASGISendCallable
-    ) -> Any:
-        session_key = scope["cookies"].get(settings.SESSION_COOKIE_NAME)
-        session = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
-        # Loaded from the database only when read (the user lookup, on a database thread).
-        return await super().__call__({**scope, "session": session}, receive, send)
-
-
-class SessionAuthMiddleware(AuthMiddleware):
-    """Channels' AuthMiddleware (the session's user), but a database that is down leaves the
-    socket anonymous and marked DATABASE_DOWN instead of raising."""
-
-    async def resolve_scope(self, scope: "_ChannelScope") -> None:
-        if _token_from_subprotocols(scope) or _token_from_query(scope):
-            return  # the token decides (TokenAuthMiddleware): no session lookup to wait for
+    ) -> None:
         try:
-            await super().resolve_scope(scope)
+            extra: dict[str, Any] = {"user": await self._user(scope)}
         except DatabaseError:
-            user = scope["user"]  # the lazy user AuthMiddleware.populate_scope put there
-            assert user is not None
-            user._wrapped = AnonymousUser()
-            _scope_dict(scope)[DATABASE_DOWN] = True
+            extra = {"user": AnonymousUser(), DATABASE_DOWN: True}
+        # A copy, as ASGI asks of a middleware; the stubs' scope is a TypedDict without room
+        # for keys of our own.
+        await self.inner(cast("_ChannelScope", {**scope, **extra}), receive, send)
 
-
-def _scope_dict(scope: "_ChannelScope") -> dict[str, Any]:
-    # The stubs' scope is a TypedDict without room for keys of our own; it is a plain dict.
-    return cast(dict[str, Any], scope)
-
-
-class TokenAuthMiddleware(BaseMiddleware):
-    """Runs below the session user in the socket stack (grizz/asgi.py): replaces that user
-    when a token is given, and drops it when the socket comes from another origin."""
-
-    async def __call__(
-        self, scope: "_ChannelScope", receive: ASGIReceiveCallable, send: ASGISendCallable
-    ) -> Any:
+    async def _user(self, scope: "_ChannelScope") -> Any:
         token = _token_from_subprotocols(scope) or _token_from_query(scope)
         if token is not None:
-            try:
-                scope = {**scope, "user": await user_from_token(token)}
-            except DatabaseError:
-                scope = {**scope, "user": AnonymousUser()}  # type: ignore[typeddict-item]
-                _scope_dict(scope)[DATABASE_DOWN] = True
-        elif not origin_is_trusted(scope):
-            # The stubs allow only AuthMiddleware's lazy user in scope["user"], but for a
-            # signed-out socket that lazy user is this same AnonymousUser.
-            scope = {**scope, "user": AnonymousUser()}  # type: ignore[typeddict-item]
-        return await super().__call__(scope, receive, send)
+            return await user_from_token(token)
+        if not origin_is_trusted(scope):
+            return AnonymousUser()
+        return await user_from_session(scope)

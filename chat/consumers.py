@@ -6,9 +6,11 @@ import contextlib
 import json
 import logging
 import uuid
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
+from asgiref.typing import ASGIReceiveCallable, ASGISendCallable
 from channels.consumer import get_handler_name
+from channels.exceptions import StopConsumer
 from django.conf import settings
 from django.contrib.auth.models import User
 
@@ -21,6 +23,9 @@ from llmworker.admission import Refusal, admission_withdraw, job_admit
 from llmworker.jobs import Job
 from llmworker.queue import job_enqueue
 from llmworker.replies import reply_hub_get
+
+if TYPE_CHECKING:
+    from channels.consumer import _ChannelScope
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +71,20 @@ class ChatConsumer(ReplyRelay):
     conversation: Conversation | None = None
     priority: str | None = None  # of this user's jobs, read once per socket
 
+    async def __call__(
+        self, scope: "_ChannelScope", receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        # Channels' own, for a consumer without a channel layer: the client's events are
+        # awaited here one at a time, in order, instead of by await_many_dispatch, which
+        # awaits each in a task of its own through asyncio.wait: a task and its waiter
+        # for every socket (about 2 KiB of an idle one) and per client frame.
+        self.scope = scope
+        self.base_send = send
+        with contextlib.suppress(StopConsumer):
+            while True:
+                # An ASGI event TypedDict, which Channels' dispatch takes as the dict it is.
+                await self.dispatch(cast(dict[str, Any], await receive()))
+
     async def dispatch(self, message: dict[str, Any]) -> None:
         # Channels' own, without the close_old_connections it runs first on the one
         # thread-sensitive executor thread for every event (every client frame): this
@@ -100,7 +119,7 @@ class ChatConsumer(ReplyRelay):
             # from its first frame, like any reply that starts while the socket is open.
             conversation, active_job_id = opened.conversation, opened.active_job_id
             if active_job_id:
-                self.awaiting_resume.add(active_job_id)
+                self.awaiting_resume = frozenset({active_job_id})
             await self._follow(conversation)
         except UNAVAILABLE_ERRORS:
             logger.exception("socket refused: a dependency is down")

@@ -7,24 +7,15 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "grizz.settings")
 django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.sessions import CookieMiddleware  # noqa: E402
 
-from chat.auth import (  # noqa: E402
-    SessionAuthMiddleware,
-    SessionReadMiddleware,
-    TokenAuthMiddleware,
-)
+from chat.auth import SocketAuthMiddleware  # noqa: E402
 from chat.routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        # Channels' AuthMiddlewareStack, with a read-only session (no wrapper around every
-        # send) and an auth step that survives a database outage.
-        "websocket": CookieMiddleware(
-            SessionReadMiddleware(
-                SessionAuthMiddleware(TokenAuthMiddleware(URLRouter(websocket_urlpatterns)))
-            )
-        ),
+        # In place of Channels' AuthMiddlewareStack: one layer, token or session, that
+        # survives a database outage (chat/auth.py).
+        "websocket": SocketAuthMiddleware(URLRouter(websocket_urlpatterns)),
     }
 )

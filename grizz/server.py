@@ -30,6 +30,15 @@ from django.conf import settings  # noqa: E402
 
 
 class FrameLimitedWebSocketProtocol(WebSocketProtocol):
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # daphne hands the upgraded connection over with the HTTP channel that read the
+        # handshake still registered as the transport's producer, so the transport kept that
+        # channel, its request and their headers for the socket's life: about 4 KiB of an
+        # idle socket. As producer it paused nothing: a channel whose request is in hand
+        # (daphne never finishes an upgraded one) does not pause reading.
+        self.transport.unregisterProducer()
+
     def _max_message_size_exceeded(self, msg_size: int, max_msg_size: int, reason: str) -> None:
         # autobahn's hook for a message over maxMessagePayloadSize; its default reason
         # names the transport limit, which the client never otherwise hears of.
