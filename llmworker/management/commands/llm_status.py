@@ -5,7 +5,7 @@ import json
 import time
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from llmworker.status import QueueStatus, queue_status, status_table
 
@@ -23,6 +23,8 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: object, **options: Any) -> None:
+        if options["watch"] is not None and options["watch"] <= 0:
+            raise CommandError("--watch takes a number of seconds above 0")
         # Ctrl-C is the way out of --watch.
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(self._show(as_json=options["json"], every=options["watch"]))
