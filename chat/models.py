@@ -56,6 +56,10 @@ class Message(models.Model):
     # Fencing token: the delivery attempt that may write this reply. A worker that stalled
     # past its lease holds an older number and its writes match no row.
     attempt = models.PositiveIntegerField(default=0)
+    # Attempts made before an operator's last retry of the reply (llm_dead_letters retry):
+    # LLM_MAX_ATTEMPTS counts those after it. The attempt number itself only grows, as it
+    # fences out older attempts.
+    attempts_before_retry = models.PositiveIntegerField(default=0)
     # The Redis Stream entry of the job's latest delivery: if Redis reports the entry deleted
     # while pending, this finds the reply to fail.
     queue_entry_id = models.CharField(max_length=32, blank=True)

@@ -13,6 +13,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import IntegrityError, connection, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from chat.models import Conversation, Message
@@ -23,6 +24,10 @@ from llmworker.replies import ReplyPublisher, reply_cancel_request
 
 class ConversationBusy(Exception):
     """A reply is still queued or being generated in this conversation."""
+
+
+class ReplyNotRetryable(Exception):
+    """The reply is gone, or not failed: it completed, was cancelled, or runs again."""
 
 
 def conversation_create(
@@ -258,6 +263,9 @@ _NO_LIMIT = 2**31 - 1  # the largest attempt number the column holds
 # A failed reply has no text worth sending back; a cancelled one keeps the part the user saw.
 _STATUSES_LEFT_OUT_OF_PROMPTS = (Message.Status.FAILED, Message.Status.QUEUED)
 
+# The attempt about to begin is one too many: counted from the operator's last retry.
+_EXHAUSTED = "reply.attempt - reply.attempts_before_retry >= %(attempts_allowed)s"
+
 # The claimed reply, then the turns before it (none when the attempt is one too many): one
 # row per earlier turn, or one row with a NULL role. The prompt read shares the statement's
 # snapshot, which holds every earlier turn: the job was queued after they were committed.
@@ -267,12 +275,9 @@ WITH claimed AS (
     SET attempt = reply.attempt + 1,
         queue_entry_id = %(entry_id)s,
         model = COALESCE(NULLIF(conversation.model, ''), %(default_model)s),
-        status = CASE WHEN reply.attempt >= %(attempts_allowed)s
-                      THEN 'failed' ELSE 'streaming' END,
-        error = CASE WHEN reply.attempt >= %(attempts_allowed)s
-                     THEN %(exhausted_error)s ELSE reply.error END,
-        finished_at = CASE WHEN reply.attempt >= %(attempts_allowed)s
-                           THEN %(now)s ELSE reply.finished_at END,
+        status = CASE WHEN {_EXHAUSTED} THEN 'failed' ELSE 'streaming' END,
+        error = CASE WHEN {_EXHAUSTED} THEN %(exhausted_error)s ELSE reply.error END,
+        finished_at = CASE WHEN {_EXHAUSTED} THEN %(now)s ELSE reply.finished_at END,
         updated_at = %(now)s
     FROM {Conversation._meta.db_table} AS conversation
     WHERE reply.id = %(reply_id)s
@@ -342,6 +347,38 @@ def reply_cancel_queued(*, reply_id: uuid.UUID | str) -> bool:
         )
         == 1
     )
+
+
+def reply_requeue(*, reply_id: uuid.UUID | str) -> Message:
+    """Put a failed reply back to queued, for an operator's retry of its dead-lettered job.
+    Its next attempt then claims it through reply_start like any other, and LLM_MAX_ATTEMPTS
+    counts afresh. A reply already queued is returned as it is: a retry stopped between this
+    and the enqueue may be run again (a job enqueued twice is harmless).
+
+    Raises ConversationBusy when the conversation has another reply in flight (the
+    message_one_active_reply constraint refuses a second), ReplyNotRetryable otherwise."""
+    now = timezone.now()
+    try:
+        # A savepoint within a caller's transaction, so that a refusal does not abort it.
+        with transaction.atomic():
+            Message.objects.filter(
+                id=reply_id, role=Message.Role.ASSISTANT, status=Message.Status.FAILED
+            ).update(
+                status=Message.Status.QUEUED,
+                error="",
+                finished_at=None,
+                attempts_before_retry=F("attempt"),
+                # Recent: the reconciler leaves it alone until the job is on the queue.
+                updated_at=now,
+            )
+    except IntegrityError:
+        raise ConversationBusy() from None
+    reply = Message.objects.filter(id=reply_id, role=Message.Role.ASSISTANT).first()
+    if reply is None:
+        raise ReplyNotRetryable("its reply no longer exists")
+    if reply.status != Message.Status.QUEUED:
+        raise ReplyNotRetryable(f"its reply is {reply.status}, not failed")
+    return reply
 
 
 def replies_fail_for_entries(*, entry_ids: list[str], error: str) -> list[Message]:

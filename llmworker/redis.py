@@ -141,6 +141,17 @@ def dead_letter_key() -> str:
     return key("jobs", "dead")
 
 
+async def redis_now_ms() -> int:
+    """Redis's clock, in the milliseconds of stream entry ids (which it stamps with it)."""
+    seconds, micros = await redis_get().time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def entry_id_ms(entry_id: str) -> int:
+    """When a stream entry was added, in Redis's milliseconds: the first part of its id."""
+    return int(entry_id.partition("-")[0])
+
+
 def reply_log_key(job_id: str) -> str:
     return key("reply", job_id, "log")
 
