@@ -129,9 +129,9 @@ class FrameEmitter:
     """Sends the frames of every reply of a process to Redis, many per round trip.
 
     Each reply (ReplyPublisher) queues its frames here; one task sends what every reply has
-    queued as one pipeline of EVALSHA calls, and while that round is on its way, new frames
-    wait for the next: a worker streaming many replies makes one socket write and one read
-    per round instead of per token (the write was its largest cost per token,
+    queued as one write of EVALSHA calls (CommandBatches), and while that round is on its
+    way, new frames wait for the next: a worker streaming many replies makes one socket
+    write and one read per round instead of per token (the write was its largest cost per token,
     docs/performance.md). Deltas that queue up behind a round merge into one frame. Rounds
     go one at a time and a reply's frames keep their order inside each, so nothing is ever
     reordered.
