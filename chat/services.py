@@ -16,10 +16,17 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from chat import portable
 from chat.models import Conversation, Message
 from llmworker.admission import user_release
 from llmworker.redis import redis_get
 from llmworker.replies import ReplyPublisher, reply_cancel_request
+
+
+def _on_postgresql() -> bool:
+    # The turn's statements are written for PostgreSQL; elsewhere (the quick start's SQLite
+    # file) chat/portable.py takes the same steps through the ORM.
+    return connection.vendor == "postgresql"
 
 
 class ConversationBusy(Exception):
@@ -58,6 +65,11 @@ def conversation_open_for_user(
     wave of reconnecting sockets makes one of these per socket. Written out, not built by
     the ORM: compiling the annotated query cost 1.0-1.3 ms of CPU per socket, a quarter of
     what the web spent opening one (docs/performance.md)."""
+    if not _on_postgresql():
+        found = portable.conversation_with_active_job(
+            conversation_id=conversation_id, owner_id=user.id
+        )
+        return OpenedConversation(*found) if found else None
     with connection.cursor() as cursor:
         cursor.execute(
             _CONVERSATION_OPEN_SQL,
@@ -154,6 +166,8 @@ def _messages_insert(*, conversation: Conversation, message: Message, reply: Mes
     one statement committed on its own. The update takes the conversation's row lock, so a
     concurrent sender waits for this commit; its positions (read from its statement's
     snapshot) are then taken, and message_unique_position refuses its rows."""
+    if not _on_postgresql():
+        return portable.messages_insert(conversation=conversation, message=message, reply=reply)
     now = timezone.now()
     values: list[Any] = [now, conversation.id, conversation.id]
     for row in (message, reply):
@@ -230,6 +244,16 @@ def reply_start(
     and re-checks a concurrent claim of the same row) and the prompt read with it. It sits
     between the user's message and the model's first token; the ORM's transaction, locking
     SELECT, save and prompt query cost five round trips (docs/performance.md)."""
+    exhausted_error = f"The reply could not be generated after {max_attempts} attempts."
+    if not _on_postgresql():
+        claim = portable.reply_claim(
+            reply_id=reply_id,
+            default_model=default_model,
+            entry_id=entry_id,
+            max_attempts=max_attempts,
+            error=exhausted_error,
+        )
+        return ReplyStart(*claim) if claim else None
     with connection.cursor() as cursor:
         cursor.execute(
             _REPLY_START_SQL,
@@ -239,9 +263,7 @@ def reply_start(
                 "default_model": default_model,
                 # The attempt about to begin is one too many when the last was the limit.
                 "attempts_allowed": max_attempts or _NO_LIMIT,
-                "exhausted_error": (
-                    f"The reply could not be generated after {max_attempts} attempts."
-                ),
+                "exhausted_error": exhausted_error,
                 "now": timezone.now(),
                 "active": list(Message.ACTIVE_STATUSES),
                 "left_out": list(_STATUSES_LEFT_OUT_OF_PROMPTS),
@@ -260,8 +282,7 @@ def reply_start(
 
 _NO_LIMIT = 2**31 - 1  # the largest attempt number the column holds
 
-# A failed reply has no text worth sending back; a cancelled one keeps the part the user saw.
-_STATUSES_LEFT_OUT_OF_PROMPTS = (Message.Status.FAILED, Message.Status.QUEUED)
+_STATUSES_LEFT_OUT_OF_PROMPTS = portable.STATUSES_LEFT_OUT_OF_PROMPTS
 
 # The attempt about to begin is one too many: counted from the operator's last retry.
 _EXHAUSTED = "reply.attempt - reply.attempts_before_retry >= %(attempts_allowed)s"

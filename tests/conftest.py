@@ -212,3 +212,13 @@ def bob(transactional_db: None) -> User:
 def conversation(alice: User) -> Conversation:
     """A conversation of alice's, with no message yet."""
     return conversation_create(owner=alice, title="Alice's chat")
+
+
+@pytest.fixture(params=["statement", "orm"])
+def both_database_paths(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs a test twice: on PostgreSQL's written-out statements of chat/services.py, and on
+    the ORM's steps of chat/portable.py that other databases (the quick start's SQLite) take."""
+    if request.param == "orm":
+        from chat import services
+
+        monkeypatch.setattr(services, "_on_postgresql", lambda: False)

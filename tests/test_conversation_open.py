@@ -8,7 +8,8 @@ from chat.models import Conversation
 from chat.services import conversation_create, conversation_open_for_user, message_send
 from tests.support.transcripts import answered
 
-pytestmark = pytest.mark.django_db
+# Each test on both paths (tests/conftest.py): the statement and the ORM steps.
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("both_database_paths")]
 
 
 def test_it_opens_the_users_conversation_as_the_orm_reads_it(alice):

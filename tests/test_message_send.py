@@ -7,7 +7,8 @@ from chat.models import Conversation, Message
 from chat.services import ConversationBusy, conversation_create, message_send
 from tests.support.transcripts import answered
 
-pytestmark = pytest.mark.django_db
+# Each test on both paths (tests/conftest.py): the statement and the ORM steps.
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("both_database_paths")]
 
 
 def test_it_saves_the_message_and_its_queued_reply_after_the_last_turn(alice):

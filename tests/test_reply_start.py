@@ -13,7 +13,8 @@ from chat.services import (
 )
 from tests.support.transcripts import answered
 
-pytestmark = pytest.mark.django_db
+# Each test on both paths (tests/conftest.py): the statement and the ORM steps.
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("both_database_paths")]
 
 
 def test_it_reads_the_system_prompt_and_the_earlier_turns_in_order(alice):
