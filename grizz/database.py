@@ -31,8 +31,10 @@ def _executor() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=settings.DATABASE_THREADS, thread_name_prefix="database")
 
 
-def database_call(func: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """`func`, awaitable, run on the process's database threads."""
+def database_call(
+    func: Callable[P, R], *, executor: ThreadPoolExecutor | None = None
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    """`func`, awaitable, run on the process's database threads (or on `executor`'s)."""
 
     @functools.wraps(func)
     def call(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -41,4 +43,4 @@ def database_call(func: Callable[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
         finally:
             close_old_connections()
 
-    return sync_to_async(call, thread_sensitive=False, executor=_executor())
+    return sync_to_async(call, thread_sensitive=False, executor=executor or _executor())

@@ -8,17 +8,16 @@ process restarted), which is why only `/readyz` looks at them.
 """
 
 import asyncio
-import functools
 import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from asgiref.sync import sync_to_async
-from django.db import close_old_connections, connection
+from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_safe
 
+from grizz.database import database_call
 from llmworker.redis import redis_get
 
 logger = logging.getLogger(__name__)
@@ -60,25 +59,17 @@ async def _state_of(name: str, ping: Callable[[], Awaitable[object]]) -> str:
     return "ok"
 
 
-@functools.cache
-def _probe_executor() -> ThreadPoolExecutor:
-    # A thread of its own, not the database threads of the chat (grizz/database.py): a ping
-    # stuck on an unreachable server holds it, and probes must not starve the chat's calls.
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="readyz")
-
-
 def _postgresql_select_one() -> None:
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
-    finally:
-        close_old_connections()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
 
 
-async def _postgresql_ping() -> None:
-    await sync_to_async(
-        _postgresql_select_one, thread_sensitive=False, executor=_probe_executor()
-    )()
+# A thread of its own, not the database threads of the chat (grizz/database.py): a ping
+# stuck on an unreachable server holds it, and probes must not starve the chat's calls.
+_postgresql_ping = database_call(
+    _postgresql_select_one,
+    executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix="readyz"),
+)
 
 
 async def _redis_ping() -> None:
