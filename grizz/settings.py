@@ -281,6 +281,22 @@ LLM_JOB_LEASE_SECONDS = envfloat("LLM_JOB_LEASE_SECONDS", 30.0, minimum=0.5)
 LLM_MAX_ATTEMPTS = envint("LLM_MAX_ATTEMPTS", 3, minimum=1)
 # How often replies left queued or streaming with no job in Redis are put back on the queue.
 LLM_RECONCILE_SECONDS = envfloat("LLM_RECONCILE_SECONDS", 30.0, minimum=0.5)
+# The chores (the reconciler above, dead consumers, dead letters) run on one worker at a time,
+# the holder of a Redis lease of this many seconds, renewed every third of it: a holder that
+# dies is replaced once its lease has run out, one that stops hands it over at once.
+LLM_MAINTENANCE_LEASE_SECONDS = envfloat("LLM_MAINTENANCE_LEASE_SECONDS", 30.0, minimum=1.0)
+# How often the holder removes dead consumers and trims the dead letters.
+LLM_MAINTENANCE_SECONDS = envfloat("LLM_MAINTENANCE_SECONDS", 60.0, minimum=0.5)
+# Consumers of the worker group idle this long with no job pending are removed. A live worker
+# is never idle for more than its 5 s blocking read (or a third of LLM_JOB_LEASE_SECONDS, its
+# lease renewal, while all its slots are busy), and one removed by mistake is only recreated
+# by its next read; an hour keeps a dead worker visible in llm_status for a while.
+LLM_CONSUMER_REMOVE_IDLE_SECONDS = envfloat(
+    "LLM_CONSUMER_REMOVE_IDLE_SECONDS", 3600.0, minimum=10.0
+)
+# The dead-letter stream keeps at most this many entries, none older than this many days.
+LLM_DEAD_LETTER_MAXLEN = envint("LLM_DEAD_LETTER_MAXLEN", 10000, minimum=1)
+LLM_DEAD_LETTER_MAX_AGE_DAYS = envfloat("LLM_DEAD_LETTER_MAX_AGE_DAYS", 7.0, minimum=1.0)
 # Retries of a retryable provider error (connection, timeout, 429, 5xx, a broken stream)
 # within one delivery, with exponential backoff and jitter between these bounds.
 LLM_RETRY_LIMIT = envint("LLM_RETRY_LIMIT", 4)

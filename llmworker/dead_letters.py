@@ -121,6 +121,19 @@ async def dead_letters_purge(
         return int(await client.xdel(dead_letter_key(), entry_id))
     if older_than_days is None:
         return int(await client.xtrim(dead_letter_key(), maxlen=0, approximate=False))
-    # Entry ids are their XADD's milliseconds: MINID keeps those added since the cut-off.
-    cutoff_ms = await redis_now_ms() - int(older_than_days * DAY_MS)
-    return int(await client.xtrim(dead_letter_key(), minid=cutoff_ms, approximate=False))
+    return await _older_removed(days=older_than_days)
+
+
+async def dead_letters_trim(*, maxlen: int, max_age_days: float) -> tuple[int, int]:
+    """Keep no dead letter older than `max_age_days`, and of the others the newest `maxlen`:
+    how many were removed for their age, how many beyond the count."""
+    by_age = await _older_removed(days=max_age_days)
+    trim = await redis_get().xtrim(dead_letter_key(), maxlen=maxlen, approximate=False)
+    return by_age, int(trim)
+
+
+async def _older_removed(*, days: float) -> int:
+    # Entry ids are their XADD's milliseconds: MINID keeps those added since the cut-off,
+    # taken on the same clock, Redis's.
+    cutoff_ms = await redis_now_ms() - int(days * DAY_MS)
+    return int(await redis_get().xtrim(dead_letter_key(), minid=cutoff_ms, approximate=False))

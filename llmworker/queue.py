@@ -74,13 +74,38 @@ DEAD_LETTER_SCRIPT = (
     + """
 if not owned(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
 local fields = {}
-for i = 4, #ARGV do table.insert(fields, ARGV[i]) end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', 10000, '*', unpack(fields))
+for i = 5, #ARGV do table.insert(fields, ARGV[i]) end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])
 return 1
 """
 )
+
+
+# Removes the consumers of the group idle for ARGV[2] ms or more with no entry pending.
+# XGROUP DELCONSUMER drops a consumer's pending entries, which no worker would then finish or
+# take over: the check and the removal are one step, so no delivery can come in between.
+CONSUMERS_REMOVE_SCRIPT = """
+local removed = {}
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local fields = {}
+  for i = 1, #consumer, 2 do fields[consumer[i]] = consumer[i + 1] end
+  if fields['idle'] >= tonumber(ARGV[2])
+      and #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, fields['name']) == 0 then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], fields['name'])
+    table.insert(removed, fields['name'])
+  end
+end
+return removed
+"""
+
+# A history read from past every entry (Redis stamps ids with its clock in milliseconds):
+# it delivers nothing and counts no delivery, yet it is a read by the consumer. Before
+# Redis 7.2 a read that finds nothing new does not count as the consumer's activity, so an
+# idle worker would look as idle as a dead one (redis/redis#9996). (Not the very last id,
+# both parts the largest: Redis 7.0 answers that one without counting it as a read.)
+AFTER_EVERY_ENTRY = "18446744073709551615-18446744073709551614"
 
 
 # The job's entry, its admission reservation ended and the announcement of its message, in
@@ -127,6 +152,19 @@ async def jobs_live() -> set[str]:
 
 # Read in this order: high-priority jobs (staff, CHAT_PRIORITY_GROUP) before normal ones.
 PRIORITIES = ("high", "normal")
+
+
+async def consumers_remove_dead(*, idle_ms: int) -> dict[str, list[str]]:
+    """Remove the consumers of the worker group idle for `idle_ms` or more with nothing
+    pending: per priority stream, the names removed."""
+    client = redis_get()
+    remove = script_get(client, CONSUMERS_REMOVE_SCRIPT)
+    removed: dict[str, list[str]] = {}
+    for priority in PRIORITIES:
+        names = await remove(keys=[jobs_stream_key(priority)], args=[WORKER_GROUP, idle_ms])
+        if names:
+            removed[priority] = [str(name) for name in names]
+    return removed
 
 
 @dataclass(frozen=True)
@@ -186,7 +224,14 @@ class JobQueue:
             got += await self._read({normal: ">"}, count=count - len(got))
         if not got:
             got = await self._read({high: ">", normal: ">"}, count=1, block_ms=block_ms)
+        if not got:
+            await self.mark_alive()
         return got
+
+    async def mark_alive(self) -> None:
+        """Show the group that this consumer is alive (its idle time starts again), so that
+        the maintenance does not take an idle worker for a dead one."""
+        await self._read({stream: AFTER_EVERY_ENTRY for stream in self.streams}, count=1)
 
     async def read_own_pending(self, *, count: int) -> list[Delivery]:
         """The jobs this consumer name was given before and never acknowledged: a worker
@@ -270,6 +315,12 @@ class JobQueue:
         return bool(
             await self.dead_letter_script(
                 keys=[delivery.stream, dead_letter_key()],
-                args=[WORKER_GROUP, self.consumer, delivery.entry_id, *flat],
+                args=[
+                    WORKER_GROUP,
+                    self.consumer,
+                    delivery.entry_id,
+                    settings.LLM_DEAD_LETTER_MAXLEN,  # roughly; the maintenance trims exactly
+                    *flat,
+                ],
             )
         )

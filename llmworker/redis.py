@@ -14,12 +14,15 @@ from django.conf import settings
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 # A stream's entries as these clients return them. They decode replies (decode_responses),
 # which redis-py's types cannot know: there every reply is bytes or str, and may be None.
 StreamEntries: TypeAlias = list[tuple[str, dict[str, str]]]
 StreamsRead: TypeAlias = list[tuple[str, StreamEntries]]  # XREAD(GROUP): (stream, entries)
+
+# What a Redis call may fail with and succeed when tried again later.
+TRANSIENT_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
 _clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis]" = (
     weakref.WeakKeyDictionary()
@@ -176,8 +179,9 @@ def cancel_channel() -> str:
     return key("cancel")
 
 
-def reconciler_lock_key() -> str:
-    return key("reconciler")
+def maintenance_lease_key() -> str:
+    # Its value is the consumer name of the worker that runs the chores (llmworker/maintenance.py).
+    return key("maintenance")
 
 
 def conversation_channel(conversation_id: str) -> str:
@@ -185,3 +189,36 @@ def conversation_channel(conversation_id: str) -> str:
 
 
 WORKER_GROUP = "workers"
+
+
+# Only the holder extends or releases its lease, checked in the same step: a holder that
+# stalled past its lease can neither keep nor drop its successor's.
+LEASE_EXTEND_SCRIPT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+"""
+
+LEASE_RELEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])
+"""
+
+
+class Lease:
+    """A key held by one name at a time for `ttl_ms` unless extended: taken only when free
+    (SET NX PX), so that a holder that dies is replaced once its lease has run out."""
+
+    def __init__(self, *, key: str, holder: str, ttl_ms: int) -> None:
+        self.key, self.holder, self.ttl_ms = key, holder, ttl_ms
+
+    async def take(self) -> bool:
+        return bool(await redis_get().set(self.key, self.holder, nx=True, px=self.ttl_ms))
+
+    async def extend(self) -> bool:
+        """False when the lease is no longer this holder's."""
+        extend = script_get(redis_get(), LEASE_EXTEND_SCRIPT)
+        return bool(await extend(keys=[self.key], args=[self.holder, self.ttl_ms]))
+
+    async def release(self) -> bool:
+        release = script_get(redis_get(), LEASE_RELEASE_SCRIPT)
+        return bool(await release(keys=[self.key], args=[self.holder]))

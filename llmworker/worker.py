@@ -1,6 +1,8 @@
 """The worker loop: reads jobs from the stream and runs many of them at once on one event
 loop (the provider calls are I/O-bound). It owns concurrency, leases, takeovers, cancels,
-the reconciler, shutdown and failures; what happens to one job lives in generation.py."""
+shutdown and failures; what happens to one job lives in generation.py, the deployment's
+chores (the reconciler among them), which the worker only starts and stops, in
+maintenance.py."""
 
 import asyncio
 import contextlib
@@ -11,26 +13,25 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from django.conf import settings
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from chat import services as chat_services
 from grizz.database import database_call
 from llmworker.faults import fault_point
 from llmworker.generation import Outcome, ReplyGeneration, Result
 from llmworker.jobs import Job
+from llmworker.maintenance import MaintenanceRunner
 from llmworker.providers import Provider, provider_get
-from llmworker.queue import Delivery, JobQueue, job_enqueue, jobs_live
-from llmworker.redis import cancel_channel, reconciler_lock_key, redis_get, redis_pubsub_client
+from llmworker.queue import Delivery, JobQueue
+from llmworker.redis import TRANSIENT_ERRORS, cancel_channel, redis_get, redis_pubsub_client
 from llmworker.replies import ReplyPublisher
 
 logger = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 5000
 CANCELS_POLL_SECONDS = 1.0
-TRANSIENT_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
 replies_fail_for_entries = database_call(chat_services.replies_fail_for_entries)
-replies_orphaned = database_call(chat_services.replies_orphaned)
 
 
 def _means_stream_gone(error: ResponseError) -> bool:
@@ -74,6 +75,7 @@ class Worker:
         self.shutdown = asyncio.Event()
         self.lease = settings.LLM_JOB_LEASE_SECONDS
         self.read_backoff = Backoff(first=0.5)
+        self.maintenance = MaintenanceRunner(name=name, shutdown=self.shutdown)
         # Jobs this name was given before a restart come first: read once, on the first step.
         self.own_pending_read = False
 
@@ -89,8 +91,9 @@ class Worker:
         chores = [
             asyncio.create_task(self._every(self.lease / 3, self._leases_renew)),
             asyncio.create_task(self._every(self.lease / 2, self._jobs_reclaim)),
-            asyncio.create_task(self._every(settings.LLM_RECONCILE_SECONDS, self._reconcile)),
         ]
+        # Not cancelled but left to end: it hands the maintenance over before the drain.
+        maintenance = asyncio.create_task(self.maintenance.run())
         # Not cancelled but left to end: cancelling redis-py's (8.1) PubSub.get_message soon
         # after the subscription can hang for ever, and with it a worker told to stop.
         cancels = asyncio.create_task(self._cancels_listen())
@@ -99,6 +102,7 @@ class Worker:
         for chore in chores:
             chore.cancel()
         await asyncio.gather(*chores, return_exceptions=True)
+        await maintenance
         await self._drain()
         await cancels
         await self.provider.aclose()
@@ -269,30 +273,6 @@ class Worker:
                 client=redis_get(),
             )
             await publisher.error(code="llm_error", message=message)
-
-    async def _reconcile(self) -> None:
-        """Put back on the queue the replies PostgreSQL has as unfinished but Redis has no
-        job for. One worker at a time does it; a job enqueued twice is harmless (the second
-        delivery finds the reply finished)."""
-        fault_point("reconcile")
-        lock_ms = int(settings.LLM_RECONCILE_SECONDS * 900)
-        if not await redis_get().set(reconciler_lock_key(), self.name, nx=True, px=lock_ms):
-            return
-        live = await jobs_live()
-        orphans = await replies_orphaned(
-            live_job_ids=live, idle_seconds=settings.LLM_RECONCILE_SECONDS
-        )
-        for reply in orphans:
-            # The owner and priority too: the finished job must release the owner's slot.
-            job = Job(
-                job_id=reply.job_id,
-                reply_id=reply.reply_id,
-                conversation_id=reply.conversation_id,
-                user_id=reply.user_id,
-                priority=reply.priority,
-            )
-            await job_enqueue(job=job)
-            logger.warning("job %s: found without a queue entry; enqueued again", job.job_id)
 
     async def _cancels_listen(self) -> None:
         """Until the shutdown, within CANCELS_POLL_SECONDS of it."""

@@ -5,7 +5,6 @@ import asyncio
 import json
 import signal
 import time
-import uuid
 from datetime import timedelta
 from typing import Any, cast
 
@@ -15,12 +14,12 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth.models import User
 
-from chat.models import Conversation, Message
-from chat.services import SentMessage, conversation_create, message_send
-from llmworker.admission import job_admit
+from chat.models import Message
+from chat.services import conversation_create
 from llmworker.redis import WORKER_GROUP, StreamEntries, jobs_stream_key, redis_get, reply_log_key
 from tests.support.dead_letters import dead_letters_once_written
 from tests.support.fake_openai import Behaviour
+from tests.support.orphans import sent_by_a_web_process_that_died
 from tests.support.processes import ServiceProcess
 from tests.support.restarts import reply_completed_once, reply_streaming_on_a_long_lease
 from tests.support.sockets import ChatSocket, answer_of, chat_opened, message_queued, token_for
@@ -45,17 +44,9 @@ def root(transactional_db) -> User:
 @pytest.fixture
 def fast_reconciler(service_env):
     service_env["LLM_RECONCILE_SECONDS"] = "1"
+    # A worker killed while it runs the maintenance is replaced as its lease runs out.
+    service_env["LLM_MAINTENANCE_LEASE_SECONDS"] = "2"
     return service_env
-
-
-async def _sent_by_a_web_process_that_died(user: User, conversation: Conversation) -> SentMessage:
-    """What a web process leaves when it dies between the commit and the XADD: the user's
-    in-flight slot taken by admission, the rows committed, no job in Redis."""
-    job_id = str(uuid.uuid4())
-    assert (await job_admit(user_id=user.id, job_id=job_id)).refusal is None
-    return await sync_to_async(message_send)(
-        conversation=conversation, content="Lost", job_id=job_id
-    )
 
 
 async def _entries_ever_added(priority: str) -> int:
@@ -558,7 +549,7 @@ async def test_it_enqueues_a_reply_whose_web_process_died_and_frees_the_users_sl
 ):
     settings.CHAT_MAX_INFLIGHT_PER_USER = 1
     conversation = await sync_to_async(conversation_create)(owner=alice)
-    lost = await _sent_by_a_web_process_that_died(alice, conversation)
+    lost = await sent_by_a_web_process_that_died(alice, conversation)
     socket = await chat_opened(alice, conversation.id)
     await socket.send({"type": "message", "content": "Again?"})
     held = await socket.receive()
@@ -579,7 +570,7 @@ async def test_it_enqueues_a_staff_reply_found_by_the_reconciler_on_the_high_str
     root, fake_llm, fast_reconciler, start_worker
 ):
     conversation = await sync_to_async(conversation_create)(owner=root)
-    lost = await _sent_by_a_web_process_that_died(root, conversation)
+    lost = await sent_by_a_web_process_that_died(root, conversation)
     socket = await chat_opened(root, conversation.id)
 
     await asyncio.to_thread(start_worker, "reconciling")
@@ -707,19 +698,19 @@ async def test_the_reconciler_restarts_a_reply_that_was_streaming(
 
 async def test_one_worker_at_a_time_reconciles(alice, fake_llm, fast_reconciler, start_worker):
     conversation = await sync_to_async(conversation_create)(owner=alice)
-    lost = await _sent_by_a_web_process_that_died(alice, conversation)
+    lost = await sent_by_a_web_process_that_died(alice, conversation)
     # Long orphaned already: each worker's first reconciliation finds it.
     await Message.objects.filter(id=lost.reply.id).aupdate(
         updated_at=lost.reply.updated_at - timedelta(minutes=1)
     )
     socket = await chat_opened(alice, conversation.id)
-    fast_reconciler["GRIZZ_FAULTS"] = "reconcile:stop"
+    fast_reconciler["GRIZZ_FAULTS"] = "maintenance:stop"
     workers = [await asyncio.to_thread(start_worker, name) for name in ("one", "two")]
     for worker in workers:
-        await asyncio.to_thread(worker.wait_for_line, "fault: stopped at reconcile")
+        await asyncio.to_thread(worker.wait_for_line, "fault: stopped at maintenance")
 
-    # Both go on at the same moment into their reconciliation: only the lock keeps the
-    # second from finding the reply still orphaned and enqueueing it too.
+    # Both go on at the same moment into their first maintenance round: only the lease keeps
+    # the second from finding the reply still orphaned and enqueueing it too.
     for worker in workers:
         worker.send_signal(signal.SIGCONT)
     done = (await socket.receive_until("done", timeout=30))[-1]

@@ -74,3 +74,10 @@ def test_it_rejects_a_transport_limit_below_the_frame_limit():
     result = _manage("check", **env)
     assert result.returncode != 0
     assert "WS_TRANSPORT_MAX_BYTES must be at least 65536" in result.stderr
+
+
+def test_it_rejects_a_consumer_removal_bound_a_live_idle_worker_reaches():
+    # A live worker with nothing to do reads every 5 s: 5 s idle is not dead.
+    result = _manage("check", **{**PRODUCTION, "LLM_CONSUMER_REMOVE_IDLE_SECONDS": "5"})
+    assert result.returncode != 0
+    assert "LLM_CONSUMER_REMOVE_IDLE_SECONDS must be at least 10.0" in result.stderr
