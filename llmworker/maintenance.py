@@ -94,7 +94,7 @@ class MaintenanceRunner:
                     chore.due = 0.0  # a new holder catches up at once
         except TRANSIENT_ERRORS as error:
             # Held or not, the chores wait: a lease that runs out meanwhile is another's.
-            logger.warning("worker %s: cannot renew the maintenance lease: %s", self.name, error)
+            logger.warning("worker %s: maintenance lease unavailable: %s", self.name, error)
             return False
         return self.held
 
