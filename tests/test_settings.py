@@ -74,3 +74,9 @@ def test_it_rejects_a_transport_limit_below_the_frame_limit():
     result = _manage("check", **env)
     assert result.returncode != 0
     assert "WS_TRANSPORT_MAX_BYTES must be at least 65536" in result.stderr
+
+
+def test_it_rejects_autoscale_bounds_out_of_order():
+    result = _manage("check", **{**PRODUCTION, "LLM_WORKER_AUTOSCALE": "4,2"})
+    assert result.returncode != 0
+    assert "LLM_WORKER_AUTOSCALE must be MIN,MAX with 1 <= MIN <= MAX, got '4,2'" in result.stderr

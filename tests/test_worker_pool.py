@@ -56,10 +56,13 @@ async def test_it_resumes_a_killed_childs_reply_under_the_same_name(
     await socket.close()
 
 
-async def test_it_gives_up_after_too_many_crashes(service_env, start_pool):
+# In an autoscaled pool too: its slots' crashes count against the same cap.
+@pytest.mark.parametrize("autoscale", [(), ("--autoscale=2,3", "--autoscale-cooldown=0")])
+async def test_it_gives_up_after_too_many_crashes(service_env, start_pool, autoscale):
     service_env["GRIZZ_FAULTS"] = "before_own_pending_read"  # every child dies once ready
+    options = ("--max-restarts=2", *autoscale)
     pool = await asyncio.to_thread(
-        start_pool, "crashing", processes=2, options=("--max-restarts=2",), ready=False
+        start_pool, "crashing", processes=2, options=options, ready=False
     )
 
     code = await asyncio.to_thread(pool.wait)
