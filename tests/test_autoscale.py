@@ -39,7 +39,11 @@ async def _backlog_queued(
 
 
 def _pool_started(start_pool, name: str) -> ServiceProcess:
-    pool: ServiceProcess = start_pool(name, processes=1, concurrency=CONCURRENCY, options=AUTOSCALE)
+    # Not waiting for its first child here: the test waits for the ones it needs, on a
+    # deadline long enough for three interpreters starting at once on a loaded machine.
+    pool: ServiceProcess = start_pool(
+        name, processes=1, concurrency=CONCURRENCY, options=AUTOSCALE, ready=False
+    )
     return pool
 
 
@@ -62,7 +66,7 @@ async def test_it_grows_to_max_under_a_backlog_and_shrinks_back_after_it(
     sockets, jobs = await _backlog_queued(alice, fake_llm, settings, 12)
     pool = await asyncio.to_thread(_pool_started, start_pool, "scaling")
 
-    await asyncio.to_thread(pool.wait_for_line, rf"worker scaling-{RUN_ID}-2: ready", 40)
+    await asyncio.to_thread(pool.wait_for_line, rf"worker scaling-{RUN_ID}-2: ready", 60)
     # Each of the three processes runs as many replies as its concurrency.
     await asyncio.to_thread(fake_llm.wait_for_active_streams, 3 * CONCURRENCY, 20)
     pids = [child_pid(pool, slot) for slot in range(3)]
@@ -80,11 +84,11 @@ async def test_it_grows_to_max_under_a_backlog_and_shrinks_back_after_it(
     replies = await _replies_finished(jobs)
     assert [(r.status, r.content, r.attempt) for r in replies] == [("complete", ANSWER, 1)] * 12
 
-    await asyncio.to_thread(pool.wait_for_line, r"autoscale: 2 -> 1 process:", 40)
+    await asyncio.to_thread(pool.wait_for_line, r"autoscale: 2 -> 1 process:", 60)
     for slot in (2, 1):
         await asyncio.to_thread(
             pool.wait_for_line, rf"slot {slot} \(\S+\): pid {pids[slot]} exited with code 0 "
-            r"\(scaled down\)",
+            r"\(scaled down\)", 40,
         )  # fmt: skip
         assert f"worker scaling-{RUN_ID}-{slot}: stopped" in pool.output
     assert (
@@ -111,7 +115,7 @@ async def test_it_holds_its_size_while_redis_does_not_answer(
     # unless the outage were read as an empty queue.
     sockets, jobs = await _backlog_queued(alice, fake_llm, settings, 3)
     pool = await asyncio.to_thread(_pool_started, start_pool, "outage")
-    await asyncio.to_thread(pool.wait_for_line, rf"worker outage-{RUN_ID}-1: ready", 30)
+    await asyncio.to_thread(pool.wait_for_line, rf"worker outage-{RUN_ID}-1: ready", 60)
     # Every reply streaming, held at the model, its first token through Redis: a worker's
     # frame caught in flight by the outage fails its reply (not the supervisor's doing).
     for socket in sockets:
