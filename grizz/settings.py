@@ -87,6 +87,29 @@ def envlist(name: str, default: str) -> list[str]:
     return [item.strip() for item in envstr(name, default).split(",") if item.strip()]
 
 
+def bounds_parse(value: str) -> tuple[int, int]:
+    """`MIN,MAX` as two integers, 1 <= MIN <= MAX (ValueError otherwise). Also the parser of
+    `run_llm_worker --autoscale`, so that the option and its variable take the same values."""
+    least, _, most = value.partition(",")
+    try:
+        bounds = int(least), int(most)
+    except ValueError:
+        raise ValueError(f"must be MIN,MAX (two integers), got {value!r}") from None
+    if not 1 <= bounds[0] <= bounds[1]:
+        raise ValueError(f"must be MIN,MAX with 1 <= MIN <= MAX, got {value!r}")
+    return bounds
+
+
+def envbounds(name: str) -> tuple[int, int] | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return bounds_parse(value)
+    except ValueError as error:
+        raise ImproperlyConfigured(f"{name} {error}") from None
+
+
 DEBUG = envbool("DJANGO_DEBUG", False)
 
 SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "")
@@ -275,6 +298,10 @@ LLM_WORKER_CONCURRENCY = envint("LLM_WORKER_CONCURRENCY", 512, minimum=1)
 # Worker processes of one `run_llm_worker` (its --processes): more than one runs a
 # supervisor that starts them, restarts those that die and stops them all on SIGTERM.
 LLM_WORKER_PROCESSES = envint("LLM_WORKER_PROCESSES", 1, minimum=1)
+# `run_llm_worker --autoscale MIN,MAX` (unset: a pool of a fixed size): the supervisor's pool
+# follows the backlog between MIN and MAX processes, at most one step per cool-down.
+LLM_WORKER_AUTOSCALE = envbounds("LLM_WORKER_AUTOSCALE")
+LLM_WORKER_AUTOSCALE_COOLDOWN = envfloat("LLM_WORKER_AUTOSCALE_COOLDOWN", 30.0, minimum=0.0)
 # A job whose worker has not renewed its lease for this long is taken over by another worker.
 LLM_JOB_LEASE_SECONDS = envfloat("LLM_JOB_LEASE_SECONDS", 30.0, minimum=0.5)
 # Deliveries of one job (worker crashes included) before it goes to the dead-letter stream.

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import cast
 
+import redis
 import redis.asyncio as aioredis
 from django.conf import settings
 from redis.exceptions import ResponseError
@@ -148,6 +149,15 @@ async def jobs_live() -> set[str]:
         entries = cast(StreamEntries, await redis_get().xrange(jobs_stream_key(priority)))
         live.update(fields.get("job_id", "") for _, fields in entries)
     return live
+
+
+def jobs_unfinished_count(*, client: redis.Redis) -> int:
+    """Jobs waiting or running, over both streams (synchronous, for a pool's supervisor):
+    acknowledged entries are deleted, so a stream's length is the work not yet done."""
+    with client.pipeline(transaction=False) as pipe:
+        for priority in PRIORITIES:
+            pipe.xlen(jobs_stream_key(priority))
+        return sum(int(length) for length in pipe.execute())
 
 
 # Read in this order: high-priority jobs (staff, CHAT_PRIORITY_GROUP) before normal ones.

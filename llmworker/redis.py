@@ -9,7 +9,9 @@ import random
 import weakref
 from typing import Any, TypeAlias
 
+import redis
 import redis.asyncio as aioredis
+import redis.retry
 from django.conf import settings
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -76,6 +78,20 @@ def redis_pubsub_client(purpose: str = "pubsub") -> aioredis.Redis:
         socket_connect_timeout=3,
         health_check_interval=30,
         retry=Retry(NoBackoff(), 0),
+        decode_responses=True,
+    )
+
+
+def redis_sync_client(*, purpose: str, timeout: float) -> redis.Redis:
+    """A synchronous client, for a process with no event loop (a pool's supervisor). Each
+    call is bounded by `timeout` and never retried: a Redis that is down or hung costs the
+    caller one timeout, not a backoff of retries."""
+    return redis.Redis.from_url(
+        settings.REDIS_URL,
+        client_name=f"grizz-{purpose}:{settings.REDIS_KEY_PREFIX}",
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout,
+        retry=redis.retry.Retry(NoBackoff(), 0),
         decode_responses=True,
     )
 

@@ -9,8 +9,14 @@ and finishes or hands back its jobs within its grace, and the supervisor exits 0
 
 Children are fresh interpreters (subprocess, not multiprocessing's fork): nothing of the
 supervisor (an event loop, a Redis or database connection, threads) is carried into them,
-and a child is exactly the worker that runs on its own. The supervisor does no I/O of its
-own besides its children; it waits on a self-pipe that signals (SIGCHLD included) write to.
+and a child is exactly the worker that runs on its own. The supervisor waits on a self-pipe
+that signals (SIGCHLD included) write to; its only I/O besides its children is, in an
+autoscaled pool (llmworker/autoscale.py), a sample of the backlog every second.
+
+An autoscaled pool has a slot, and holds its name, for each of its MAX processes; the
+lowest `size` of them run. A step down sends SIGTERM to the highest running one, which
+stops as on a shutdown (its grace, then killed): not a crash, and not restarted. A step up
+starts the lowest slot not running, under its own name, so that it resumes its own jobs.
 """
 
 import asyncio
@@ -27,6 +33,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
+from llmworker.autoscale import Autoscaler
 from llmworker.names import LOCK_FD_ENV, NameClaim
 
 logger = logging.getLogger(__name__)
@@ -48,6 +55,7 @@ class Slot:
     started_at: float = 0.0
     restart_at: float | None = None
     failures: int = 0  # consecutive crashes, for the backoff
+    stop_by: float | None = None  # asked to stop: killed if still running then
 
     @property
     def label(self) -> str:
@@ -65,16 +73,20 @@ class Supervisor:
         self,
         *,
         claims: list[NameClaim],
+        processes: int,
         concurrency: int,
         grace: float,
         max_restarts: int,
         restart_window: float,
+        autoscaler: Autoscaler | None = None,
     ) -> None:
         self.slots = [Slot(number, claim) for number, claim in enumerate(claims)]
+        self.size = processes  # the slots below it are to run
         self.concurrency = concurrency
         self.grace = grace
         self.max_restarts = max_restarts
         self.restart_window = restart_window
+        self.autoscaler = autoscaler
         self.crashes: deque[float] = deque()
         self.shutdown = False
         self.gave_up = False
@@ -83,13 +95,16 @@ class Supervisor:
 
     def run(self) -> int:
         self._signals_install()
-        logger.info("supervisor: starting %d worker processes", len(self.slots))
-        for slot in self.slots:
-            self._start(slot)
+        logger.info("supervisor: starting %d worker processes", self.size)
+        if self.autoscaler is not None:
+            logger.info("supervisor: %s", self.autoscaler.describe())
         while not self.shutdown:
-            self._wait(self._next_restart_in())
+            self._size_follow()
+            self._wait(self._next_event_in())
             self._exited_reap()
             self._restarts_due()
+            self._stops_overdue()
+            self._autoscale()
         self._children_stop()
         return 1 if self.gave_up else 0
 
@@ -144,10 +159,15 @@ class Supervisor:
         for slot in self.slots:
             if slot.process is None or (code := slot.process.poll()) is None:
                 continue
-            level = logging.INFO if self.shutdown else logging.ERROR
-            logger.log(level, "%s: pid %d %s", slot.label, slot.process.pid, _exit_status(code))
+            asked = self.shutdown or slot.stop_by is not None
+            why = " (scaled down)" if asked and not self.shutdown else ""
+            logger.log(
+                logging.INFO if asked else logging.ERROR,
+                "%s: pid %d %s%s", slot.label, slot.process.pid, _exit_status(code), why,
+            )  # fmt: skip
             slot.process = None
-            if not self.shutdown:
+            slot.stop_by = None
+            if not asked:
                 self._crashed(slot)  # exit code 0 too: it was not asked to stop
 
     def _crashed(self, slot: Slot) -> None:
@@ -173,8 +193,14 @@ class Supervisor:
         )  # fmt: skip
         self.gave_up = self.shutdown = True
 
-    def _next_restart_in(self) -> float | None:
-        due = [slot.restart_at for slot in self.slots if slot.restart_at is not None]
+    def _next_event_in(self) -> float | None:
+        """Seconds until the next kill of a child past its stop, restart or sample (the
+        last two not once shutting down)."""
+        due = [slot.stop_by for slot in self._running() if slot.stop_by is not None]
+        if not self.shutdown:
+            due += [slot.restart_at for slot in self.slots if slot.restart_at is not None]
+            if self.autoscaler is not None:
+                due.append(self.autoscaler.sample_at)
         return max(0.0, min(due) - time.monotonic()) if due else None
 
     def _restarts_due(self) -> None:
@@ -183,10 +209,44 @@ class Supervisor:
             if not self.shutdown and slot.restart_at is not None and slot.restart_at <= now:
                 self._start(slot)
 
-    # Shutdown
+    # The pool's size
+
+    def _size_follow(self) -> None:
+        """Start the slots below the size that are not running (nor waiting to restart);
+        stop those above it. One stopped but not yet exited starts again once it has."""
+        for slot in self.slots[: self.size]:
+            if not self.shutdown and slot.process is None and slot.restart_at is None:
+                self._start(slot)
+        for slot in self.slots[self.size :]:
+            slot.restart_at = None  # a crashed slot above the size stays down
+            if slot.process is not None and slot.stop_by is None:
+                logger.info("%s: stopping pid %d (scaled down)", slot.label, slot.process.pid)
+                self._stop(slot)
+
+    def _autoscale(self) -> None:
+        if self.autoscaler is not None and not self.shutdown:
+            self.size = self.autoscaler.size_next(processes=self.size, now=time.monotonic())
+
+    # Stopping children
 
     def _running(self) -> list[Slot]:
         return [slot for slot in self.slots if slot.process is not None]
+
+    def _stop(self, slot: Slot) -> None:
+        assert slot.process is not None
+        slot.process.send_signal(signal.SIGTERM)
+        slot.stop_by = time.monotonic() + self.grace + STOP_MARGIN
+
+    def _stops_overdue(self) -> None:
+        now = time.monotonic()
+        for slot in self._running():
+            if slot.stop_by is not None and slot.stop_by <= now:
+                assert slot.process is not None
+                logger.error("%s: pid %d still running; killing it", slot.label, slot.process.pid)
+                slot.process.kill()
+                slot.process.wait()
+                slot.process = None
+                slot.stop_by = None
 
     def _children_stop(self) -> None:
         if self.stop_signal is not None:
@@ -195,18 +255,12 @@ class Supervisor:
                 signal.Signals(self.stop_signal).name, len(self._running()),
             )  # fmt: skip
         for slot in self._running():
-            assert slot.process is not None
-            slot.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.grace + STOP_MARGIN
-        while self._running() and time.monotonic() < deadline:
-            self._wait(deadline - time.monotonic())
+            if slot.stop_by is None:  # those scaled down have their stop under way
+                self._stop(slot)
+        while self._running():
+            self._wait(self._next_event_in())
             self._exited_reap()
-        for slot in self._running():
-            assert slot.process is not None
-            logger.error("%s: pid %d still running; killing it", slot.label, slot.process.pid)
-            slot.process.kill()
-            slot.process.wait()
-            slot.process = None
+            self._stops_overdue()
         logger.info("supervisor: stopped")
 
 

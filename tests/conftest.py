@@ -6,6 +6,9 @@ own Redis key prefix, deleted at the end.
 """
 
 import os
+import signal
+import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,6 +19,8 @@ from django.contrib.auth.models import User
 
 from chat.models import Conversation
 from chat.services import conversation_create
+from llmworker import redis as grizz_redis
+from llmworker import replies
 from tests.support.fake_openai import Behaviour, FakeOpenAI
 from tests.support.processes import (
     ServiceProcess,
@@ -78,6 +83,48 @@ def _redis_keys_delete() -> None:
         for key in client.scan_iter(match=pattern, count=1000):
             client.delete(key)
     client.close()
+
+
+@pytest.fixture
+def private_redis(settings) -> Iterator[subprocess.Popen[bytes]]:
+    """A redis-server of the test's own, which it may stop (SIGSTOP: hung) or kill without
+    disturbing anyone else's Redis; the test's settings point at it (a process started by
+    the test needs service_env["REDIS_URL"] = settings.REDIS_URL)."""
+    import redis
+
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:  # a new server needs a moment before it listens; nothing to wait on but it
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+    settings.REDIS_URL = f"redis://127.0.0.1:{port}/0"
+    grizz_redis._clients.clear()
+    replies._hubs.clear()
+    yield server
+    server.send_signal(signal.SIGCONT)
+    server.terminate()
+    server.wait(timeout=10)
+    grizz_redis._clients.clear()
+    replies._hubs.clear()
 
 
 @pytest.fixture(scope="session")

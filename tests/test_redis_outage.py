@@ -1,62 +1,19 @@
 """Redis failing under a web process: refusals within seconds, the socket stays open, and
 sending works again once Redis is back, with nothing restarted. A private redis-server plays
-the part, so that stopping it disturbs nobody else's Redis."""
+the part (conftest's private_redis), so that stopping it disturbs nobody else's Redis."""
 
 import signal
-import subprocess
 import time
-from collections.abc import Iterator
 
 import pytest
-import redis
 from asgiref.sync import sync_to_async
 
 from chat.consumers import REDIS_CALL_TIMEOUT
 from chat.models import Message
 from chat.services import conversation_create
-from llmworker import redis as grizz_redis
-from llmworker import replies
-from tests.support.processes import free_port
 from tests.support.sockets import ChatSocket
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
-
-
-@pytest.fixture
-def private_redis(settings) -> Iterator[subprocess.Popen[bytes]]:
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 10
-    while True:  # a new server needs a moment before it listens; nothing to wait on but it
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-    settings.REDIS_URL = f"redis://127.0.0.1:{port}/0"
-    grizz_redis._clients.clear()
-    replies._hubs.clear()
-    yield server
-    server.send_signal(signal.SIGCONT)
-    server.terminate()
-    server.wait(timeout=10)
-    grizz_redis._clients.clear()
-    replies._hubs.clear()
 
 
 async def test_a_hung_redis_is_answered_unavailable_within_seconds(alice, private_redis):

@@ -81,3 +81,9 @@ def test_it_rejects_a_consumer_removal_bound_a_live_idle_worker_reaches():
     result = _manage("check", **{**PRODUCTION, "LLM_CONSUMER_REMOVE_IDLE_SECONDS": "5"})
     assert result.returncode != 0
     assert "LLM_CONSUMER_REMOVE_IDLE_SECONDS must be at least 10.0" in result.stderr
+
+
+def test_it_rejects_autoscale_bounds_out_of_order():
+    result = _manage("check", **{**PRODUCTION, "LLM_WORKER_AUTOSCALE": "4,2"})
+    assert result.returncode != 0
+    assert "LLM_WORKER_AUTOSCALE must be MIN,MAX with 1 <= MIN <= MAX, got '4,2'" in result.stderr

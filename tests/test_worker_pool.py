@@ -5,8 +5,6 @@ is test_delivery's; here, that the supervisor restarts a slot under its name.)""
 
 import asyncio
 import os
-import re
-import select
 import signal
 import socket
 import sys
@@ -14,6 +12,7 @@ import sys
 import pytest
 
 from tests.conftest import RUN_ID
+from tests.support.pools import child_pid, children_pids, process_ended
 from tests.support.processes import ServiceProcess
 from tests.support.restarts import reply_completed_once, reply_streaming_on_a_long_lease
 from tests.support.sockets import chat_opened, message_queued
@@ -21,38 +20,13 @@ from tests.support.sockets import chat_opened, message_queued
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 
 
-def _child_pid(pool: ServiceProcess, slot: int, *, other_than: int | None = None) -> int:
-    """The pid of the slot's child, from the supervisor's line; with `other_than`, of the
-    next child once that one has been replaced."""
-    other = "" if other_than is None else rf"(?!{other_than}\b)"
-    line = pool.wait_for_line(rf"slot {slot} \(\S+\): started, pid {other}\d+")
-    return int(line.rsplit(" ", 1)[-1])
-
-
-def _children_pids(pool: ServiceProcess) -> list[int]:
-    return [int(pid) for pid in re.findall(r": started, pid (\d+)", pool.output)]
-
-
-def _ended(pid: int, timeout: float = 0.0) -> bool:
-    """Whether the process has ended, or ends within the timeout (a pidfd is readable once
-    it has exited, even before whoever reaps it has)."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([pidfd], [], [], timeout)[0])
-    finally:
-        os.close(pidfd)
-
-
 async def test_it_restarts_a_killed_worker_child(alice, fake_llm, start_pool):
     pool = await asyncio.to_thread(start_pool, "pool", processes=2)
     name = f"pool-{RUN_ID}-1"
-    killed = _child_pid(pool, 1)
+    killed = child_pid(pool, 1)
 
     os.kill(killed, signal.SIGKILL)
-    restarted = await asyncio.to_thread(_child_pid, pool, 1, other_than=killed)
+    restarted = await asyncio.to_thread(child_pid, pool, 1, other_than=killed)
     await asyncio.to_thread(pool.wait_for_line, rf"worker {name}: ready", count=2)
     socket = await chat_opened(alice)
     queued = await message_queued(socket)
@@ -60,7 +34,7 @@ async def test_it_restarts_a_killed_worker_child(alice, fake_llm, start_pool):
 
     assert f"slot 1 ({name}): pid {killed} killed by SIGKILL" in pool.output
     assert f"slot 1 ({name}): restart in 0.5s" in pool.output
-    assert restarted != killed and not _ended(restarted)
+    assert restarted != killed and not process_ended(restarted)
     assert pool.output.count("slot 0 (") == 1, "only the killed slot restarts"
     assert (done["job_id"], done["status"]) == (queued["job_id"], "complete")
     assert done["content"] == "Hello from the fake model."
@@ -74,7 +48,7 @@ async def test_it_resumes_a_killed_childs_reply_under_the_same_name(
         alice, fake_llm, service_env, lambda: start_pool("resuming", processes=1)
     )
 
-    os.kill(_child_pid(pool, 0), signal.SIGKILL)
+    os.kill(child_pid(pool, 0), signal.SIGKILL)
 
     await reply_completed_once(socket, queued["job_id"])
     assert pool.output.count(f"worker resuming-{RUN_ID}-0: ready") == 2
@@ -82,10 +56,13 @@ async def test_it_resumes_a_killed_childs_reply_under_the_same_name(
     await socket.close()
 
 
-async def test_it_gives_up_after_too_many_crashes(service_env, start_pool):
+# In an autoscaled pool too: its slots' crashes count against the same cap.
+@pytest.mark.parametrize("autoscale", [(), ("--autoscale=2,3", "--autoscale-cooldown=0")])
+async def test_it_gives_up_after_too_many_crashes(service_env, start_pool, autoscale):
     service_env["GRIZZ_FAULTS"] = "before_own_pending_read"  # every child dies once ready
+    options = ("--max-restarts=2", *autoscale)
     pool = await asyncio.to_thread(
-        start_pool, "crashing", processes=2, options=("--max-restarts=2",), ready=False
+        start_pool, "crashing", processes=2, options=options, ready=False
     )
 
     code = await asyncio.to_thread(pool.wait)
@@ -96,12 +73,12 @@ async def test_it_gives_up_after_too_many_crashes(service_env, start_pool):
     assert pool.output.count("exited with code 137") >= 3
     assert pool.output.count(": restart in ") == 2
     assert pool.output.rstrip().endswith("supervisor: stopped")
-    assert all(_ended(pid, 10) for pid in _children_pids(pool))
+    assert all(process_ended(pid, 10) for pid in children_pids(pool))
 
 
 async def test_it_stops_every_child_on_sigterm(start_pool):
     pool = await asyncio.to_thread(start_pool, "stopping", processes=2)
-    pids = [_child_pid(pool, slot) for slot in (0, 1)]
+    pids = [child_pid(pool, slot) for slot in (0, 1)]
 
     pool.send_signal(signal.SIGTERM)
     code = await asyncio.to_thread(pool.wait)
@@ -112,19 +89,19 @@ async def test_it_stops_every_child_on_sigterm(start_pool):
         assert f"worker stopping-{RUN_ID}-{slot}: stopped" in pool.output
     assert pool.output.count("exited with code 0") == 2
     assert "restart in" not in pool.output
-    assert all(_ended(pid, 10) for pid in pids)
+    assert all(process_ended(pid, 10) for pid in pids)
 
 
 async def test_it_stops_a_child_whose_supervisor_is_killed(start_pool):
     pool = await asyncio.to_thread(start_pool, "orphaned", processes=1)
-    child = _child_pid(pool, 0)
+    child = child_pid(pool, 0)
 
     pool.kill()
     # The child writes to the same pipe: its lines still arrive.
     await asyncio.to_thread(pool.wait_for_line, rf"worker orphaned-{RUN_ID}-0: stopped")
 
     assert f"its supervisor (pid {pool.process.pid}) is gone; stopping" in pool.output
-    assert await asyncio.to_thread(_ended, child, 10)
+    assert await asyncio.to_thread(process_ended, child, 10)
 
 
 # Consumer names

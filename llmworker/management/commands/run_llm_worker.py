@@ -1,3 +1,4 @@
+import argparse
 import asyncio
 import multiprocessing
 import signal
@@ -8,9 +9,18 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from grizz.eventloop import event_loop_policy_install
+from grizz.settings import bounds_parse
+from llmworker.autoscale import Autoscaler, BacklogReader
 from llmworker.names import NameInUse, consumer_name_claim, host_name, names_claim_free
 from llmworker.supervisor import Supervisor, supervisor_watch
 from llmworker.worker import Worker
+
+
+def _bounds(value: str) -> tuple[int, int]:
+    try:
+        return bounds_parse(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 class Command(BaseCommand):
@@ -61,11 +71,29 @@ class Command(BaseCommand):
             default=60.0,
             help="seconds over which --max-restarts counts crashes (default %(default)s)",
         )
+        parser.add_argument(
+            "--autoscale",
+            type=_bounds,
+            default=settings.LLM_WORKER_AUTOSCALE,
+            metavar="MIN,MAX",
+            help="a supervised pool whose processes follow the backlog between MIN and MAX, "
+            "starting from --processes within them (default LLM_WORKER_AUTOSCALE: none)",
+        )
+        parser.add_argument(
+            "--autoscale-cooldown",
+            type=float,
+            default=settings.LLM_WORKER_AUTOSCALE_COOLDOWN,
+            metavar="SECONDS",
+            help="least time between two scaling steps, and how long the backlog must stay "
+            "low for a step down (default LLM_WORKER_AUTOSCALE_COOLDOWN, %(default)s)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["processes"] < 1:
             raise CommandError("--processes must be at least 1")
-        if options["processes"] > 1 or options["supervise"]:
+        if options["autoscale_cooldown"] < 0:
+            raise CommandError("--autoscale-cooldown must not be negative")
+        if options["processes"] > 1 or options["supervise"] or options["autoscale"]:
             sys.exit(self.supervise(options))
         try:
             claim = consumer_name_claim(options["name"])
@@ -77,19 +105,38 @@ class Command(BaseCommand):
 
     def supervise(self, options: dict[str, Any]) -> int:
         base = options["name"] or host_name()
+        processes, autoscaler = options["processes"], self.autoscaler(options)
+        if autoscaler is not None:
+            processes = min(max(processes, autoscaler.least), autoscaler.most)
         try:
-            claims = names_claim_free(base, options["processes"])
+            # An autoscaled pool holds the names of all its slots, running or not: a slot
+            # scaled down may have left jobs pending under its name, its own to resume.
+            claims = names_claim_free(base, autoscaler.most if autoscaler else processes)
         except NameInUse as error:
             raise CommandError(str(error)) from None
         multiprocessing.current_process().name = f"{base}-supervisor"
         supervisor = Supervisor(
             claims=claims,
+            processes=processes,
             concurrency=options["concurrency"],
             grace=options["grace"],
             max_restarts=options["max_restarts"],
             restart_window=options["restart_window"],
+            autoscaler=autoscaler,
         )
         return supervisor.run()
+
+    def autoscaler(self, options: dict[str, Any]) -> Autoscaler | None:
+        if options["autoscale"] is None:
+            return None
+        least, most = options["autoscale"]
+        return Autoscaler(
+            least=least,
+            most=most,
+            concurrency=options["concurrency"],
+            cooldown=options["autoscale_cooldown"],
+            backlog_read=BacklogReader(),
+        )
 
     async def run(self, name: str, options: dict[str, Any]) -> None:
         worker = Worker(name=name, concurrency=options["concurrency"], grace=options["grace"])
