@@ -5,6 +5,7 @@ The session cookie is honoured only from a page of our own origin: a page elsewh
 otherwise open a socket as the signed-in user (cross-site WebSocket hijacking).
 """
 
+from dataclasses import dataclass
 from importlib import import_module
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qs, urlsplit
@@ -12,30 +13,82 @@ from urllib.parse import parse_qs, urlsplit
 from asgiref.typing import ASGI3Application, ASGIReceiveCallable, ASGISendCallable
 from channels.auth import get_user
 from django.conf import settings
-from django.contrib.auth.models import AnonymousUser
+from django.contrib.auth.models import User
+from django.core.exceptions import ImproperlyConfigured, ValidationError
 from django.db import DatabaseError
 from django.http import parse_cookie
 from django.http.request import validate_host
 from rest_framework_simplejwt.authentication import JWTAuthentication
-from rest_framework_simplejwt.exceptions import AuthenticationFailed, InvalidToken, TokenError
+from rest_framework_simplejwt.exceptions import InvalidToken, TokenError
+from rest_framework_simplejwt.settings import api_settings
+from rest_framework_simplejwt.tokens import BlacklistMixin, Token
+from rest_framework_simplejwt.utils import get_md5_hash_password
 
 from grizz.database import database_call
 
 if TYPE_CHECKING:
     from channels.consumer import _ChannelScope
 
-# Set in the scope when the user could not be looked up because the database is down: the
-# consumer then closes with "try again later" rather than daphne failing the handshake (500).
+# Set in the scope when the session's user could not be looked up because the database is
+# down: the consumer then closes with "try again later" rather than daphne failing the
+# handshake (500).
 DATABASE_DOWN = "grizz.database_down"
+# The socket's SocketIdentity, or None when it gave no credentials that hold.
+IDENTITY = "grizz.identity"
 
 
-@database_call
-def user_from_token(raw_token: str) -> Any:
-    auth = JWTAuthentication()
+@dataclass(frozen=True)
+class SocketIdentity:
+    """Who a socket's credentials say its user is. The consumer loads that user together
+    with the conversation, in one query (chat/services.py), and asks `accepts` before
+    trusting them: a token's user is read once, not once here and once there."""
+
+    user_id: int
+    token: Token | None = None  # the validated token, when the socket gave one
+
+    def accepts(self, user: User) -> bool:
+        # The session's user passed its backend's checks when it was read; a token's gets
+        # simplejwt's (JWTAuthentication.get_user's, after its lookup), with its settings.
+        if self.token is None:
+            return True
+        if api_settings.CHECK_USER_IS_ACTIVE and not user.is_active:
+            return False
+        return not api_settings.CHECK_REVOKE_TOKEN or self.token.get(
+            api_settings.REVOKE_TOKEN_CLAIM
+        ) == get_md5_hash_password(user.password)
+
+
+if User._meta.pk.attname != api_settings.USER_ID_FIELD:
+    raise ImproperlyConfigured("chat sockets look a token's user up by primary key")
+_user_pk = User._meta.pk.to_python
+
+
+def token_identity(raw_token: str) -> SocketIdentity | None:
+    """simplejwt's validation of an access token (signature, expiry, type, its configured
+    token classes), without its user lookup."""
     try:
-        return auth.get_user(auth.get_validated_token(raw_token.encode()))
-    except (InvalidToken, TokenError, AuthenticationFailed):
-        return AnonymousUser()
+        token = JWTAuthentication().get_validated_token(raw_token.encode())
+        user_id = _user_pk(token[api_settings.USER_ID_CLAIM])
+    except (InvalidToken, TokenError, KeyError, ValidationError):
+        return None
+    return None if user_id is None else SocketIdentity(user_id, token)
+
+
+# Only a blacklisting token class (a refresh or sliding token, with simplejwt's blacklist
+# app installed) reads the database to validate a token; other tokens are checked on the
+# event loop, without a database call of their own.
+_token_check_reads_database = "rest_framework_simplejwt.token_blacklist" in (
+    settings.INSTALLED_APPS
+) and any(issubclass(cls, BlacklistMixin) for cls in api_settings.AUTH_TOKEN_CLASSES)
+
+
+_token_identity_on_database = database_call(token_identity)
+
+
+async def identity_from_token(raw_token: str) -> SocketIdentity | None:
+    if _token_check_reads_database:
+        return await _token_identity_on_database(raw_token)
+    return token_identity(raw_token)
 
 
 def _header(scope: "_ChannelScope", name: bytes) -> str | None:
@@ -72,14 +125,15 @@ def _token_from_subprotocols(scope: "_ChannelScope") -> str | None:
     return None
 
 
-async def user_from_session(scope: "_ChannelScope") -> Any:
+async def identity_from_session(scope: "_ChannelScope") -> SocketIdentity | None:
     session_key = _session_key(scope)
     if session_key is None:
-        return AnonymousUser()
+        return None
     session = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
     # Channels' lookup (the session's user, checked against its auth hash), given only the
     # session: the socket's scope needs neither it nor the cookies once the user is known.
-    return await get_user({"session": session})  # type: ignore[typeddict-item]
+    user = await get_user({"session": session})  # type: ignore[typeddict-item]
+    return SocketIdentity(user.pk) if user.is_authenticated else None
 
 
 def _session_key(scope: "_ChannelScope") -> str | None:
@@ -88,10 +142,10 @@ def _session_key(scope: "_ChannelScope") -> str | None:
 
 
 class SocketAuthMiddleware:
-    """Puts the socket's user in scope["user"]: the token's when one is given, else the
-    session's when the socket comes from a page of our own origin, else AnonymousUser. A
-    database that is down leaves the socket anonymous and marked DATABASE_DOWN, instead of
-    daphne failing the handshake.
+    """Puts who the socket's user is in scope[IDENTITY]: the token's when one is given,
+    else the session's when the socket comes from a page of our own origin, else None. A
+    database that is down leaves the socket without one and marked DATABASE_DOWN, instead
+    of daphne failing the handshake.
 
     One layer in place of Channels' AuthMiddlewareStack (cookies, session, user): each of its
     layers copied the scope and stayed suspended in the socket's task for the socket's life,
@@ -106,17 +160,17 @@ class SocketAuthMiddleware:
         self, scope: "_ChannelScope", receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
         try:
-            extra: dict[str, Any] = {"user": await self._user(scope)}
+            extra: dict[str, Any] = {IDENTITY: await self._identity(scope)}
         except DatabaseError:
-            extra = {"user": AnonymousUser(), DATABASE_DOWN: True}
+            extra = {IDENTITY: None, DATABASE_DOWN: True}
         # A copy, as ASGI asks of a middleware; the stubs' scope is a TypedDict without room
         # for keys of our own.
         await self.inner(cast("_ChannelScope", {**scope, **extra}), receive, send)
 
-    async def _user(self, scope: "_ChannelScope") -> Any:
+    async def _identity(self, scope: "_ChannelScope") -> SocketIdentity | None:
         token = _token_from_subprotocols(scope) or _token_from_query(scope)
         if token is not None:
-            return await user_from_token(token)
+            return await identity_from_token(token)
         if not origin_is_trusted(scope):
-            return AnonymousUser()
-        return await user_from_session(scope)
+            return None
+        return await identity_from_session(scope)

@@ -15,7 +15,7 @@ from django.conf import settings
 from django.contrib.auth.models import User
 
 from chat import services
-from chat.auth import DATABASE_DOWN
+from chat.auth import DATABASE_DOWN, IDENTITY, SocketIdentity
 from chat.models import Conversation, Message
 from chat.relay import UNAVAILABLE_ERRORS, ReplyRelay
 from grizz.database import database_call
@@ -69,6 +69,7 @@ class ChatConsumer(ReplyRelay):
     # per socket would add nothing, and a Redis blip in it would end every socket.
     channel_layer_alias = "none"
     conversation: Conversation | None = None
+    user: User  # set by connect(), which refuses a socket whose user is not signed in
     priority: str | None = None  # of this user's jobs, read once per socket
 
     async def __call__(
@@ -95,26 +96,27 @@ class ChatConsumer(ReplyRelay):
             raise ValueError(f"No handler for message type {message['type']}")
         await handler(message)
 
-    @property
-    def user(self) -> User:
-        # connect() refuses a socket whose user is not signed in: past it, this is a User.
-        return cast(User, self.scope["user"])
-
     async def connect(self) -> None:
         self.socket_id = uuid.uuid4().hex  # tells this socket's announcements from others'
         self.relay_setup()
         if self.scope.get(DATABASE_DOWN):
             return await self._refuse(CLOSE_TRY_AGAIN_LATER)
-        user = self.scope["user"]  # set on every socket by the stack in grizz/asgi.py
-        if user is None or not user.is_authenticated:
+        # Set on every socket by the stack in grizz/asgi.py.
+        identity = cast(SocketIdentity | None, self.scope.get(IDENTITY))
+        if identity is None:
             return await self._refuse(CLOSE_UNAUTHENTICATED)
         conversation_id = _uuid_or_none(self.scope["url_route"]["kwargs"]["conversation_id"])
         try:
-            opened = conversation_id and await conversation_open_for_user(
-                conversation_id=conversation_id, user=self.user
+            # The user and the conversation in one database call: the token was checked
+            # without one.
+            opened = await conversation_open_for_user(
+                user_id=identity.user_id, conversation_id=conversation_id
             )
-            if not opened:
+            if opened is None or not identity.accepts(opened.user):
+                return await self._refuse(CLOSE_UNAUTHENTICATED)
+            if opened.conversation is None:
                 return await self._refuse(CLOSE_NOT_FOUND)
+            self.user = opened.user
             # The active job first, then follow: a reply that starts in between is followed
             # from its first frame, like any reply that starts while the socket is open.
             conversation, active_job_id = opened.conversation, opened.active_job_id

@@ -7,6 +7,7 @@ connection is not PostgreSQL's, which tests, CI and production use.
 
 import uuid
 
+from django.contrib.auth.models import User
 from django.db import transaction
 from django.db.models import Max, OuterRef, Subquery
 from django.utils import timezone
@@ -17,7 +18,20 @@ from chat.models import Conversation, Message
 STATUSES_LEFT_OUT_OF_PROMPTS = (Message.Status.FAILED, Message.Status.QUEUED)
 
 
-def conversation_with_active_job(
+def user_with_conversation(
+    *, user_id: int, conversation_id: uuid.UUID | str | None
+) -> tuple[User, Conversation | None, str | None] | None:
+    """(user, their conversation or None, its active job); None when there is no such user."""
+    user = User.objects.filter(pk=user_id).first()
+    if user is None:
+        return None
+    found = conversation_id and _conversation_with_active_job(
+        conversation_id=conversation_id, owner_id=user.id
+    )
+    return (user, *found) if found else (user, None, None)
+
+
+def _conversation_with_active_job(
     *, conversation_id: uuid.UUID | str, owner_id: int
 ) -> tuple[Conversation, str | None] | None:
     active = Message.objects.filter(

@@ -13,7 +13,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import IntegrityError, connection, transaction
-from django.db.models import F
+from django.db.models import F, Model
 from django.utils import timezone
 
 from chat import portable
@@ -54,52 +54,61 @@ def user_priority(*, user: User) -> str:
 
 @dataclass(frozen=True)
 class OpenedConversation:
-    conversation: Conversation
+    user: User
+    conversation: Conversation | None  # None: no conversation of this user's by that id
     active_job_id: str | None  # the job of its reply queued or being generated, if any
 
 
 def conversation_open_for_user(
-    *, conversation_id: uuid.UUID | str, user: User
+    *, user_id: int, conversation_id: uuid.UUID | str | None
 ) -> OpenedConversation | None:
-    """The user's conversation a socket opens, and its reply in flight: one statement, as a
-    wave of reconnecting sockets makes one of these per socket. Written out, not built by
-    the ORM: compiling the annotated query cost 1.0-1.3 ms of CPU per socket, a quarter of
-    what the web spent opening one (docs/performance.md)."""
+    """The user a socket opens for, the conversation it opens if it is theirs, and its reply
+    in flight; None when there is no such user. One statement, as a wave of reconnecting
+    sockets makes one of these per socket. Written out, not built by the ORM: compiling
+    the annotated query cost 1.0-1.3 ms of CPU per socket, and the ORM's user lookup
+    0.3 ms more (docs/performance.md). Whether the user may sign in is the caller's."""
     if not _on_postgresql():
-        found = portable.conversation_with_active_job(
-            conversation_id=conversation_id, owner_id=user.id
-        )
+        found = portable.user_with_conversation(user_id=user_id, conversation_id=conversation_id)
         return OpenedConversation(*found) if found else None
     with connection.cursor() as cursor:
         cursor.execute(
             _CONVERSATION_OPEN_SQL,
             {
-                "conversation_id": uuid.UUID(str(conversation_id)),
-                "owner_id": user.id,
+                "user_id": user_id,
+                "conversation_id": uuid.UUID(str(conversation_id)) if conversation_id else None,
                 "active": list(Message.ACTIVE_STATUSES),
             },
         )
         row = cursor.fetchone()
     if row is None:
         return None
-    *values, job_id = row
+    user = User.from_db(connection.alias, _USER_FIELDS, row[: len(_USER_FIELDS)])
+    *values, job_id = row[len(_USER_FIELDS) :]
+    if values[0] is None:  # the conversation's id: the outer join found none
+        return OpenedConversation(user, None, None)
     conversation = Conversation.from_db(connection.alias, _CONVERSATION_FIELDS, values)
-    return OpenedConversation(conversation, str(job_id) if job_id else None)
+    return OpenedConversation(user, conversation, str(job_id) if job_id else None)
 
 
+def _columns(model: type[Model], alias: str) -> str:
+    return ", ".join(
+        f"{alias}.{connection.ops.quote_name(str(field.column))}"
+        for field in model._meta.concrete_fields
+    )
+
+
+_USER_FIELDS = [field.attname for field in User._meta.concrete_fields]
 _CONVERSATION_FIELDS = [field.attname for field in Conversation._meta.concrete_fields]
-_CONVERSATION_COLUMNS = ", ".join(
-    f"conversation.{connection.ops.quote_name(str(field.column))}"
-    for field in Conversation._meta.concrete_fields
-)
 _CONVERSATION_OPEN_SQL = f"""
-SELECT {_CONVERSATION_COLUMNS},
+SELECT {_columns(User, "account")}, {_columns(Conversation, "conversation")},
        (SELECT reply.job_id FROM {Message._meta.db_table} AS reply
         WHERE reply.conversation_id = conversation.id
           AND reply.role = 'assistant' AND reply.status = ANY(%(active)s)
         LIMIT 1)
-FROM {Conversation._meta.db_table} AS conversation
-WHERE conversation.id = %(conversation_id)s AND conversation.owner_id = %(owner_id)s
+FROM {User._meta.db_table} AS account
+LEFT JOIN {Conversation._meta.db_table} AS conversation
+     ON conversation.id = %(conversation_id)s AND conversation.owner_id = account.id
+WHERE account.id = %(user_id)s
 """
 
 

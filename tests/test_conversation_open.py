@@ -1,4 +1,5 @@
-"""conversation_open_for_user: what a socket opens with, in one statement."""
+"""conversation_open_for_user: the user and the conversation a socket opens with, in one
+statement."""
 
 import uuid
 
@@ -14,24 +15,46 @@ pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("both_database_path
 
 def test_it_opens_the_users_conversation_as_the_orm_reads_it(alice):
     created = conversation_create(owner=alice, title="Bears", model="bear-1", system_prompt="Hi")
-    opened = conversation_open_for_user(conversation_id=created.id, user=alice)
-    assert opened is not None
+    opened = conversation_open_for_user(user_id=alice.id, conversation_id=created.id)
+    assert opened is not None and opened.conversation is not None
     saved = Conversation.objects.get(id=created.id)
     fields = ("id", "owner_id", "title", "model", "system_prompt", "created_at", "updated_at")
     assert [getattr(opened.conversation, f) for f in fields] == [getattr(saved, f) for f in fields]
     assert opened.active_job_id is None
 
 
+def test_it_reads_the_user_as_the_orm_does(alice):
+    created = conversation_create(owner=alice)
+    opened = conversation_open_for_user(user_id=alice.id, conversation_id=created.id)
+    assert opened is not None
+    fields = ("id", "username", "password", "is_active", "is_staff", "date_joined")
+    assert [getattr(opened.user, f) for f in fields] == [getattr(alice, f) for f in fields]
+    assert opened.user.is_authenticated
+
+
 def test_it_names_the_reply_in_flight_and_only_that_one(alice):
     conversation = conversation_create(owner=alice)
     answered(conversation, "Done?", "Yes.")
     sent = message_send(conversation=conversation, content="And now?")
-    opened = conversation_open_for_user(conversation_id=str(conversation.id), user=alice)
+    opened = conversation_open_for_user(user_id=alice.id, conversation_id=str(conversation.id))
     assert opened is not None
     assert opened.active_job_id == str(sent.reply.job_id)
 
 
-def test_it_finds_nothing_of_another_users_or_a_missing_conversation(alice, bob):
+def test_it_finds_the_user_but_not_another_users_or_a_missing_conversation(alice, bob):
     conversation = conversation_create(owner=alice)
-    assert conversation_open_for_user(conversation_id=conversation.id, user=bob) is None
-    assert conversation_open_for_user(conversation_id=uuid.uuid4(), user=alice) is None
+    others = conversation_open_for_user(user_id=bob.id, conversation_id=conversation.id)
+    missing = conversation_open_for_user(user_id=alice.id, conversation_id=uuid.uuid4())
+    no_id = conversation_open_for_user(user_id=alice.id, conversation_id=None)
+    found = [o and (o.user.id, o.conversation, o.active_job_id) for o in (others, missing, no_id)]
+    assert found == [
+        (bob.id, None, None),
+        (alice.id, None, None),
+        (alice.id, None, None),
+    ]
+
+
+def test_it_finds_nothing_for_a_user_that_does_not_exist(alice):
+    conversation = conversation_create(owner=alice)
+    gone = alice.id + 1000
+    assert conversation_open_for_user(user_id=gone, conversation_id=conversation.id) is None

@@ -12,6 +12,7 @@ import time
 
 from bench.context import Context
 from bench.fleet import START_AHEAD_S, Opened
+from bench.meter import Usage
 from bench.report import Row, ScenarioResult, Section
 
 PARALLEL = 32
@@ -29,11 +30,14 @@ async def run(ctx: Context) -> ScenarioResult:
     per_socket = 1 / ctx.open_rate if ctx.open_rate else SECONDS_PER_SOCKET_GUESS
     try:
         started = time.monotonic_ns()
-        steady = await ctx.fleet.open("open-rate", ctx.urls(rate_count), parallel=PARALLEL)
+        async with ctx.meter() as meter:
+            steady = await ctx.fleet.open("open-rate", ctx.urls(rate_count), parallel=PARALLEL)
         steady_s = (time.monotonic_ns() - started) / 1e9
         await ctx.fleet.close_group("open-rate")
         ctx.check_alive()
         _rate_rows(result, steady, rate_count)
+        assert meter.usage is not None
+        _cpu_rows(result, meter.usage, len(steady.times))
         wave = None
         if ctx.budget.remaining() - ctx.profile.idle_leaves_s > wave_count * per_socket * 2:
             await ctx.quiesce("reconnect wave")
@@ -69,6 +73,25 @@ def _rate_rows(result: ScenarioResult, opened: Opened, count: int) -> None:
     if opened.failures:
         result.notes.append("First failures (steady): " + "; ".join(opened.failures[:3]))
     result.data["steady"] = _data(opened, rate=rate)
+
+
+def _cpu_rows(result: ScenarioResult, usage: Usage, opened: int) -> None:
+    # The steady phase's CPU over its sockets: the figure that holds on a noisy machine,
+    # where the rate also measures what else ran meanwhile.
+    per_socket = {name: s * 1000 / opened for name, s in usage.cpu_s.items()} if opened else {}
+
+    def ms(name: str) -> str:
+        return f"{per_socket.get(name, 0.0):.2f}"
+
+    result.rows.append(
+        Row(
+            f"Web CPU per socket opened, {PARALLEL} handshakes in flight",
+            f"{ms('web')} ms (PostgreSQL {ms('postgres')}, Redis {ms('redis')}, "
+            f"load generator {ms('load')} ms)",
+        )
+    )
+    result.data["steady_usage"] = usage.as_dict()
+    result.data["steady_cpu_ms_per_socket"] = {k: round(v, 3) for k, v in per_socket.items()}
 
 
 def _wave_rows(result: ScenarioResult, opened: Opened, count: int, at_ns: int) -> None:
