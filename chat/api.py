@@ -1,6 +1,10 @@
-"""The REST API: DRF views over the same services the socket uses."""
+"""The REST API: DRF views over the same services and the same turns the socket uses.
+Every object is the caller's own: another user's is a 404, like one that does not exist.
+Errors: chat/api_errors.py. The reply stream (SSE) is not DRF: chat/stream.py."""
 
 import uuid
+from collections.abc import Mapping
+from typing import Any
 
 from asgiref.sync import async_to_sync
 from django.conf import settings
@@ -8,14 +12,36 @@ from django.contrib.auth.models import User
 from django.db.models import QuerySet
 from django.http import Http404
 from django.shortcuts import get_object_or_404
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
 from redis.exceptions import RedisError
-from rest_framework import generics, serializers, status
+from rest_framework import generics, pagination, serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
+from rest_framework_simplejwt.serializers import (
+    TokenObtainPairSerializer,
+    TokenRefreshSerializer,
+    TokenVerifySerializer,
+)
+from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView, TokenVerifyView
 
 from chat import services
+from chat.api_errors import ApiError, unavailable
 from chat.models import Conversation, Message
+from chat.turns import CLIENT_MSG_ID_MAX_CHARS, Queued, Refused, Sender, turn_send
+
+# The turns of the API, in the announcement other sockets on the conversation get: no socket
+# has this id, so every socket open on the conversation shows the message.
+API_ORIGIN = "api"
+
+# The socket's refusals, as HTTP statuses.
+REFUSAL_STATUSES = {
+    "invalid": status.HTTP_400_BAD_REQUEST,
+    "too_long": status.HTTP_400_BAD_REQUEST,
+    "busy": status.HTTP_409_CONFLICT,
+    "rate_limited": status.HTTP_429_TOO_MANY_REQUESTS,
+    "overloaded": status.HTTP_503_SERVICE_UNAVAILABLE,
+}
 
 
 class AuthenticatedRequest(Request):
@@ -23,6 +49,9 @@ class AuthenticatedRequest(Request):
     signed in (for mypy only)."""
 
     user: User
+
+
+# --- Bodies -----------------------------------------------------------------------------
 
 
 class ConversationSerializer(serializers.ModelSerializer[Conversation]):
@@ -37,20 +66,123 @@ class ConversationSerializer(serializers.ModelSerializer[Conversation]):
         }
 
 
+class UsageSerializer(serializers.Serializer[Any]):
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+    total_tokens = serializers.IntegerField()
+
+
 class MessageSerializer(serializers.ModelSerializer[Message]):
-    usage = serializers.JSONField(read_only=True)
+    usage = UsageSerializer(read_only=True, allow_null=True, help_text="A finished reply's.")
 
     class Meta:
         model = Message
         fields = ["id", "role", "content", "status", "job_id", "error", "usage", "created_at"]
 
 
+class MessageSendSerializer(serializers.Serializer[Any]):
+    """The request of a send (for the schema: the turn itself checks it, as for the socket,
+    so that both refuse with the same codes and words)."""
+
+    content = serializers.CharField(max_length=settings.CHAT_MAX_MESSAGE_CHARS)
+    client_msg_id = serializers.CharField(
+        required=False,
+        allow_null=True,
+        max_length=CLIENT_MSG_ID_MAX_CHARS,
+        help_text="Sending it again in the conversation returns the first send's answer.",
+    )
+
+
+class TurnSerializer(serializers.Serializer[Queued]):
+    job_id = serializers.UUIDField(source="sent.reply.job_id")
+    message = MessageSerializer(source="sent.message")
+    reply = MessageSerializer(source="sent.reply")
+    queue_position = serializers.IntegerField(
+        allow_null=True, help_text="Given when the queue is long."
+    )
+
+
+class ApiErrorFields(serializers.Serializer[Any]):
+    code = serializers.CharField(help_text="The socket's error codes (docs/websocket.md).")
+    message = serializers.CharField()
+    retry_after = serializers.IntegerField(
+        required=False, help_text="Seconds; also the Retry-After header (429, 503)."
+    )
+    status = serializers.CharField(required=False, help_text="A finished reply's (409).")
+
+    def get_fields(self) -> dict[str, serializers.Field[Any, Any, Any, Any]]:
+        # `fields` is also a Serializer's attribute: declared here, not on the class.
+        fields = super().get_fields()
+        fields["fields"] = serializers.DictField(
+            child=serializers.ListField(child=serializers.CharField()),
+            required=False,
+            help_text="A request that does not validate: the problems of each field.",
+        )
+        return fields
+
+
+class ApiErrorSerializer(serializers.Serializer[Any]):
+    error = ApiErrorFields()
+
+
+def error_responses(*statuses: int) -> dict[int, OpenApiResponse]:
+    descriptions = {
+        400: "Invalid request (`invalid`, `too_long`).",
+        401: "No credentials, wrong ones, or an invalid or expired token.",
+        404: "Not found, or another user's.",
+        409: "Conflict: `busy` (a reply is in flight) or `finished`.",
+        429: "`rate_limited`, with Retry-After.",
+        503: "`overloaded`, or Redis or PostgreSQL down (`unavailable`), with Retry-After.",
+    }
+    return {code: OpenApiResponse(ApiErrorSerializer, descriptions[code]) for code in statuses}
+
+
+# --- Tokens ---------------------------------------------------------------------------
+# simplejwt's views, with their errors in the schema.
+
+
+@extend_schema(responses={200: TokenObtainPairSerializer, **error_responses(400, 401)})
+class TokenObtain(TokenObtainPairView):
+    pass
+
+
+@extend_schema(responses={200: TokenRefreshSerializer, **error_responses(400, 401)})
+class TokenRefresh(TokenRefreshView):
+    pass
+
+
+@extend_schema(responses={200: TokenVerifySerializer, **error_responses(400, 401)})
+class TokenVerify(TokenVerifyView):
+    """200 with an empty object for a valid token of either kind; 401 otherwise."""
+
+
+# --- Conversations ----------------------------------------------------------------------
+
+
+class ConversationPages(pagination.PageNumberPagination):
+    page_size = 50
+    page_size_query_param = "page_size"
+    max_page_size = 200
+
+
+@extend_schema_view(
+    get=extend_schema(
+        summary="The caller's conversations, the most recently active first",
+        responses={200: ConversationSerializer, **error_responses(401)},
+    ),
+    post=extend_schema(
+        summary="Create a conversation",
+        responses={201: ConversationSerializer, **error_responses(400, 401)},
+    ),
+)
 class ConversationListCreate(generics.ListCreateAPIView[Conversation]):
     serializer_class = ConversationSerializer
+    pagination_class = ConversationPages
     request: AuthenticatedRequest
 
     def get_queryset(self) -> QuerySet[Conversation]:
-        return Conversation.objects.filter(owner=self.request.user)
+        # The most recently active first (Meta.ordering); the id keeps pages stable.
+        return Conversation.objects.filter(owner=self.request.user).order_by("-updated_at", "-id")
 
     def perform_create(self, serializer: serializers.BaseSerializer[Conversation]) -> None:
         serializer.instance = services.conversation_create(
@@ -58,18 +190,103 @@ class ConversationListCreate(generics.ListCreateAPIView[Conversation]):
         )
 
 
-class MessageList(generics.ListAPIView[Message]):
+# --- Messages ---------------------------------------------------------------------------
+
+
+class MessagePages(pagination.CursorPagination):
+    """Oldest first, in the transcript's order: a message sent meanwhile is added at the end,
+    so the pages a client has read never shift."""
+
+    ordering = "position"
+    page_size = 100
+    page_size_query_param = "page_size"
+    max_page_size = 500
+
+
+def conversation_of(request: AuthenticatedRequest, conversation_id: uuid.UUID) -> Conversation:
+    return get_object_or_404(Conversation, id=conversation_id, owner=request.user)
+
+
+@extend_schema_view(
+    get=extend_schema(
+        summary="The conversation's messages, oldest first",
+        responses={200: MessageSerializer, **error_responses(401, 404)},
+    ),
+    post=extend_schema(
+        summary="Send a message: it is queued for a reply",
+        description=(
+            "The same admission, limits, idempotency (client_msg_id) and queue as the "
+            "socket's `message` frame. Follow the reply at /api/replies/{job_id}/stream, or "
+            "poll the reply's message."
+        ),
+        request=MessageSendSerializer,
+        responses={202: TurnSerializer, **error_responses(400, 401, 404, 409, 429, 503)},
+    ),
+)
+class MessageListCreate(generics.ListAPIView[Message]):
     serializer_class = MessageSerializer
+    pagination_class = MessagePages
     request: AuthenticatedRequest
 
     def get_queryset(self) -> QuerySet[Message]:
-        # Another user's conversation is a 404, exactly like one that does not exist.
-        conversation = get_object_or_404(
-            Conversation, id=self.kwargs["conversation_id"], owner=self.request.user
+        return conversation_of(self.request, self.kwargs["conversation_id"]).messages.all()
+
+    def post(self, request: AuthenticatedRequest, conversation_id: uuid.UUID) -> Response:
+        conversation = conversation_of(request, conversation_id)
+        data: Mapping[str, Any] = request.data if isinstance(request.data, Mapping) else {}
+        # A sync view, holding its request's thread for the turn (a few ms; up to a second
+        # when the queue is long): DRF's views are sync. The turn's database calls run on
+        # the database threads, as the socket's do.
+        outcome = async_to_sync(turn_send)(
+            conversation=conversation,
+            sender=Sender(user=request.user, origin=API_ORIGIN),
+            content=data.get("content"),
+            client_msg_id=data.get("client_msg_id"),
         )
-        return conversation.messages.order_by("position")
+        if isinstance(outcome, Refused):
+            raise refusal_error(outcome)
+        return Response(TurnSerializer(outcome).data, status=status.HTTP_202_ACCEPTED)
 
 
+def refusal_error(refused: Refused) -> ApiError:
+    if refused.code == "unavailable":
+        return unavailable()
+    return ApiError(
+        http_status=REFUSAL_STATUSES[refused.code],
+        code=refused.code,
+        message=refused.message,
+        retry_after=refused.retry_after,
+    )
+
+
+@extend_schema(
+    summary="One message, to poll its status",
+    responses={200: MessageSerializer, **error_responses(401, 404)},
+)
+class MessageDetail(generics.RetrieveAPIView[Message]):
+    serializer_class = MessageSerializer
+    lookup_url_kwarg = "message_id"
+    request: AuthenticatedRequest
+
+    def get_queryset(self) -> QuerySet[Message]:
+        return Message.objects.filter(
+            conversation_id=self.kwargs["conversation_id"], conversation__owner=self.request.user
+        )
+
+
+# --- Replies ----------------------------------------------------------------------------
+
+
+class ReplyCancelSerializer(serializers.Serializer[Message]):
+    job_id = serializers.UUIDField()
+    status = serializers.CharField(help_text="`cancelled`, or `streaming` while it stops.")
+
+
+@extend_schema(
+    summary="Stop a reply, like the socket's cancel frame",
+    request=None,
+    responses={202: ReplyCancelSerializer, **error_responses(401, 404, 409, 503)},
+)
 class ReplyCancel(APIView):
     """Stop a reply, like the socket's `cancel` frame: a queued one is cancelled at once, a
     running one by its worker, which saves the partial answer as `cancelled`."""
@@ -81,21 +298,17 @@ class ReplyCancel(APIView):
         if reply is None:
             raise Http404
         if reply.status not in Message.ACTIVE_STATUSES:
-            return Response(
-                {"detail": "The reply has already finished.", "status": reply.status},
-                status=status.HTTP_409_CONFLICT,
+            raise ApiError(
+                http_status=status.HTTP_409_CONFLICT,
+                code="finished",
+                message="The reply has already finished.",
+                job_id=str(reply.job_id),
+                status=reply.status,
             )
         try:
             async_to_sync(services.reply_cancel)(reply=reply)
         except (RedisError, OSError):
-            return Response(
-                {"detail": "Server busy, please retry your request."},
-                status=status.HTTP_503_SERVICE_UNAVAILABLE,
-                headers={"Retry-After": "5"},
-            )
+            raise unavailable() from None
         # "cancelled" for a queued reply; "streaming" while its worker stops a running one.
         reply.refresh_from_db(fields=["status"])
-        return Response(
-            {"job_id": str(reply.job_id), "status": reply.status},
-            status=status.HTTP_202_ACCEPTED,
-        )
+        return Response(ReplyCancelSerializer(reply).data, status=status.HTTP_202_ACCEPTED)

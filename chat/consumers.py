@@ -1,5 +1,6 @@
-"""The chat WebSocket (contract: docs/websocket.md). Thin: it validates frames, calls the
-services, and relays the frames of replies to the browser in seq order."""
+"""The chat WebSocket (contract: docs/websocket.md). Thin: it validates frames, sends
+messages as turns (chat/turns.py, as the REST API does), calls the services, and relays the
+frames of replies to the browser in seq order."""
 
 import asyncio
 import contextlib
@@ -18,10 +19,8 @@ from chat import services
 from chat.auth import DATABASE_DOWN, IDENTITY, SocketIdentity
 from chat.models import Conversation, Message
 from chat.relay import UNAVAILABLE_ERRORS, ReplyRelay
+from chat.turns import REDIS_CALL_TIMEOUT, Queued, Sender, turn_send
 from grizz.database import database_call
-from llmworker.admission import Refusal, admission_withdraw, job_admit
-from llmworker.jobs import Job
-from llmworker.queue import job_enqueue
 from llmworker.replies import reply_hub_get
 
 if TYPE_CHECKING:
@@ -37,18 +36,8 @@ CLOSE_IDLE = 4408
 CLOSE_TRY_AGAIN_LATER = 4503
 SUBPROTOCOL = "grizz"
 
-REDIS_CALL_TIMEOUT = 5.0
-
 conversation_open_for_user = database_call(services.conversation_open_for_user)
-message_send = database_call(services.message_send)
-message_retract = database_call(services.message_retract)
-message_find_sent = database_call(services.message_find_sent)
-user_priority = database_call(services.user_priority)
 reply_for_job = database_call(services.reply_for_job)
-
-
-# Tasks that outlive the call that started them, kept here so they are not collected.
-_background_tasks: set[asyncio.Task[None]] = set()
 
 
 def _utf8_length_over(text: str, limit: int) -> bool:
@@ -70,7 +59,7 @@ class ChatConsumer(ReplyRelay):
     channel_layer_alias = "none"
     conversation: Conversation | None = None
     user: User  # set by connect(), which refuses a socket whose user is not signed in
-    priority: str | None = None  # of this user's jobs, read once per socket
+    sender: Sender | None = None  # this socket's turns' (chat/turns.py)
 
     async def __call__(
         self, scope: "_ChannelScope", receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -211,84 +200,22 @@ class ChatConsumer(ReplyRelay):
         await self.send_json({"type": "pong"})
 
     async def _on_message(self, frame: dict[str, Any]) -> None:
-        content = frame.get("content")
-        if not isinstance(content, str) or not content.strip():
-            return await self._error("invalid", "A message needs non-empty text content.")
-        if len(content) > settings.CHAT_MAX_MESSAGE_CHARS:
-            return await self._error(
-                "too_long", f"Messages are limited to {settings.CHAT_MAX_MESSAGE_CHARS} characters."
-            )
-        client_msg_id = frame.get("client_msg_id")
-        if client_msg_id is not None and not (
-            isinstance(client_msg_id, str) and 0 < len(client_msg_id) <= 64
-        ):
-            return await self._error(
-                "invalid", "client_msg_id must be a string of 1-64 characters."
-            )
-        await self._send_message(content=content, client_msg_id=client_msg_id)
-
-    async def _send_message(self, *, content: str, client_msg_id: str | None) -> None:
-        job_id = str(uuid.uuid4())
-        try:
-            refusal, queue_position = await asyncio.wait_for(
-                self._admit(job_id), REDIS_CALL_TIMEOUT
-            )
-            if refusal is not None:
-                return await self._refuse_message(refusal, client_msg_id)
-            sent = await message_send(
-                conversation=self.followed,
-                content=content,
-                client_msg_id=client_msg_id,
-                job_id=job_id,
-            )
-        except services.ConversationBusy:
-            await self._withdraw(job_id)
-            return await self._error("busy", "A reply is still being generated; wait or cancel it.")
-        except UNAVAILABLE_ERRORS:
-            logger.exception("message refused: a dependency is down")
-            self._withdraw_in_background(job_id)
-            return await self._unavailable()
-        if not sent.created:
-            await self._withdraw(job_id)  # a resend: the first send holds the place
-        elif not await self._enqueue(sent):
-            return await self._unavailable()
-        await self._send_queued(sent, queue_position)
-
-    async def _admit(self, job_id: str) -> tuple[Refusal | None, int | None]:
-        """Backpressure and the user's limits, in one Redis call; a slowed sender waits."""
-        admission = await job_admit(user_id=self.user.id, job_id=job_id, limited=self._limited)
-        if admission.refusal is None and admission.delay:
-            await asyncio.sleep(admission.delay)  # this socket waits; the event loop does not
-        return admission.refusal, admission.queue_position
-
-    @property
-    def _limited(self) -> bool:
-        return not (settings.CHAT_LIMITS_EXEMPT_STAFF and self.user.is_staff)
-
-    async def _withdraw(self, job_id: str) -> None:
-        """Give back the admitted job's place and the user's slot before answering: the
-        client that sees the refusal may send again at once."""
-        with contextlib.suppress(*UNAVAILABLE_ERRORS):
-            await asyncio.wait_for(
-                admission_withdraw(user_id=self.user.id, job_id=job_id),
-                REDIS_CALL_TIMEOUT,
-            )
-
-    def _withdraw_in_background(self, job_id: str) -> None:
-        """After a failure: the answer to the client must not wait on a Redis that may be
-        the reason for it."""
-        task = asyncio.create_task(self._withdraw(job_id))
-        _background_tasks.add(task)
-        task.add_done_callback(_background_tasks.discard)
-
-    async def _refuse_message(self, refusal: Refusal, client_msg_id: str | None) -> None:
-        # A resend of a message accepted before is answered as before, whatever the limits.
-        earlier = client_msg_id and await message_find_sent(
-            conversation=self.followed, client_msg_id=client_msg_id
+        outcome = await turn_send(
+            conversation=self.followed,
+            sender=self._sender(),
+            content=frame.get("content"),
+            client_msg_id=frame.get("client_msg_id"),
         )
-        if earlier:
-            return await self._send_queued(earlier, None)
-        await self._error(refusal.code, refusal.message, retry_after=refusal.retry_after)
+        if isinstance(outcome, Queued):
+            return await self._send_queued(outcome.sent, outcome.queue_position)
+        extra = {} if outcome.retry_after is None else {"retry_after": outcome.retry_after}
+        await self._error(outcome.code, outcome.message, **extra)
+
+    def _sender(self) -> Sender:
+        # Made on the first message: most sockets send none.
+        if self.sender is None:
+            self.sender = Sender(user=self.user, origin=self.socket_id)
+        return self.sender
 
     async def _send_queued(self, sent: services.SentMessage, queue_position: int | None) -> None:
         job_id = str(sent.reply.job_id)
@@ -302,37 +229,6 @@ class ChatConsumer(ReplyRelay):
         if queue_position is not None:
             queued["queue_position"] = queue_position
         await self.send_json(queued)
-
-    async def _enqueue(self, sent: services.SentMessage) -> bool:
-        if self.priority is None:
-            self.priority = await user_priority(user=self.user)
-        job = Job(
-            job_id=str(sent.reply.job_id),
-            reply_id=str(sent.reply.id),
-            conversation_id=str(sent.reply.conversation_id),
-            user_id=str(self.user.id),
-            priority=self.priority,
-        )
-        # Other sockets on the conversation learn of the message on the channel its reply
-        # frames will follow, so they always see the message before its answer.
-        announcement = {
-            "type": "user_message",
-            "job_id": job.job_id,
-            "message_id": str(sent.message.id),
-            "reply_id": job.reply_id,
-            "content": sent.message.content,
-            "origin": self.socket_id,
-        }
-        try:
-            await asyncio.wait_for(
-                job_enqueue(job=job, announcement=json.dumps(announcement)), REDIS_CALL_TIMEOUT
-            )
-            return True
-        except UNAVAILABLE_ERRORS:
-            logger.exception("job %s not queued: Redis error", job.job_id)
-            await message_retract(sent=sent)
-            self._withdraw_in_background(job.job_id)
-            return False
 
     async def _on_resume(self, frame: dict[str, Any]) -> None:
         job_id = _uuid_or_none(frame.get("job_id"))

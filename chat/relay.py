@@ -5,7 +5,7 @@ the consumer reads as what it does with the client's frames."""
 import asyncio
 import logging
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
@@ -25,7 +25,7 @@ UNAVAILABLE_ERRORS = (RedisError, OSError, DatabaseError, asyncio.TimeoutError)
 conversation_active_job = database_call(services.conversation_active_job)
 
 
-def _ends_reply(frame: Mapping[str, object]) -> bool:
+def frame_ends_reply(frame: Mapping[str, object]) -> bool:
     """Whether a frame is a reply's last: `done`, or an `error` other than `llm_unavailable`
     (the provider is down; the reply waits for it and goes on)."""
     if frame["type"] == "error":
@@ -33,15 +33,31 @@ def _ends_reply(frame: Mapping[str, object]) -> bool:
     return frame["type"] == "done"
 
 
+def reply_final_frame(reply: Message) -> dict[str, Any]:
+    """The last frame of a finished reply, from PostgreSQL, for a client that resumes once
+    its replay log has expired: the database has the whole answer (it carries no seq)."""
+    if reply.status == Message.Status.FAILED:
+        return {
+            "type": "error",
+            "code": "llm_error",
+            "message": reply.error,
+            "job_id": str(reply.job_id),
+        }
+    return {
+        "type": "done",
+        "job_id": str(reply.job_id),
+        "reply_id": str(reply.id),
+        "status": reply.status,
+        "content": reply.content,
+        "usage": reply.usage,
+    }
+
+
 class ReplyRelay(AsyncJsonWebsocketConsumer):
     """The chat consumer's base: the ReplyHub hands it frames, one task sends them."""
 
     conversation: Conversation | None
     socket_id: str
-
-    if TYPE_CHECKING:
-        # The consumer's (consumers.py).
-        async def _error(self, code: str, message: str, **extra: Any) -> None: ...
 
     @property
     def followed(self) -> Conversation:
@@ -107,7 +123,7 @@ class ReplyRelay(AsyncJsonWebsocketConsumer):
             return await self._relay_user_message(frame)
         job_id, seq = frame["job_id"], frame["seq"]
         if job_id in self.awaiting_resume:
-            if _ends_reply(frame):
+            if frame_ends_reply(frame):
                 await self.send(text_data=raw)
                 self._mark_seen(job_id, seq, frame)
             return
@@ -135,7 +151,7 @@ class ReplyRelay(AsyncJsonWebsocketConsumer):
 
     def _mark_seen(self, job_id: str, seq: int, frame: dict[str, Any]) -> None:
         self.seen_seq[job_id] = seq
-        if _ends_reply(frame):
+        if frame_ends_reply(frame):
             self._mark_finished(job_id)
 
     def _mark_finished(self, job_id: str) -> None:
@@ -155,20 +171,8 @@ class ReplyRelay(AsyncJsonWebsocketConsumer):
             await self._send_finished_from_database(reply)
 
     async def _send_finished_from_database(self, reply: Message) -> None:
-        # The replay log has expired: the database has the whole answer.
         self._mark_finished(str(reply.job_id))
-        if reply.status == Message.Status.FAILED:
-            return await self._error("llm_error", reply.error, job_id=str(reply.job_id))
-        await self.send_json(
-            {
-                "type": "done",
-                "job_id": str(reply.job_id),
-                "reply_id": str(reply.id),
-                "status": reply.status,
-                "content": reply.content,
-                "usage": reply.usage,
-            }
-        )
+        await self.send_json(reply_final_frame(reply))
 
     async def _catch_up(self) -> None:
         active = await conversation_active_job(conversation_id=self.followed.id)

@@ -235,6 +235,16 @@ def reply_for_job(*, job_id: uuid.UUID | str, conversation_id: uuid.UUID | str) 
     )
 
 
+def reply_for_user(*, job_id: uuid.UUID | str, user: User) -> Message | None:
+    """The reply of a job in one of the user's conversations; None for another user's, as
+    for a job that does not exist."""
+    return (
+        Message.objects.select_related("conversation")
+        .filter(job_id=job_id, role=Message.Role.ASSISTANT, conversation__owner=user)
+        .first()
+    )
+
+
 @dataclass(frozen=True)
 class ReplyStart:
     attempt: int

@@ -1,14 +1,19 @@
 """The REST API as a client sees it: JWT and session auth, conversations, transcripts."""
 
 import asyncio
+import re
 import time
 import uuid
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import pytest
+import redis
+import yaml
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.core.management import call_command
+from django.db import connection
 from django.middleware.csrf import get_token
 from django.test import Client, RequestFactory
 from django.utils import timezone
@@ -23,7 +28,11 @@ from chat.services import (
     reply_fail,
     reply_start,
 )
+from llmworker import redis as grizz_redis
+from llmworker.jobs import Job
+from llmworker.redis import StreamEntries, jobs_stream_key
 from tests.support.fake_openai import Behaviour
+from tests.support.processes import free_port
 from tests.support.sockets import answer_of, chat_opened, message_queued
 from tests.support.transcripts import answered
 
@@ -31,6 +40,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 TOKEN_URL = "/api/auth/token/"
 REFRESH_URL = "/api/auth/token/refresh/"
+VERIFY_URL = "/api/auth/token/verify/"
 CONVERSATIONS_URL = "/api/conversations/"
 
 
@@ -113,7 +123,7 @@ def test_it_authenticates_with_a_bearer_access_token(alice):
     access = token_pair("alice", "alice-password-1")["access"]
     response = APIClient().get(CONVERSATIONS_URL, **bearer(access))
     assert response.status_code == 200
-    assert [c["id"] for c in response.json()] == [str(conversation.id)]
+    assert [c["id"] for c in response.json()["results"]] == [str(conversation.id)]
 
 
 def test_it_authenticates_with_the_session(alice):
@@ -122,7 +132,7 @@ def test_it_authenticates_with_the_session(alice):
     client.force_login(alice)
     response = client.get(CONVERSATIONS_URL)
     assert response.status_code == 200
-    assert [c["id"] for c in response.json()] == [str(conversation.id)]
+    assert [c["id"] for c in response.json()["results"]] == [str(conversation.id)]
 
 
 def test_it_returns_401_with_a_bearer_challenge_without_credentials():
@@ -164,7 +174,8 @@ def test_it_refuses_a_session_post_without_the_csrf_token(alice):
     client.force_login(alice)
     response = client.post(CONVERSATIONS_URL, {"title": "Forged"}, content_type="application/json")
     assert response.status_code == 403
-    assert "CSRF" in response.json()["detail"]
+    assert response.json()["error"]["code"] == "permission_denied"
+    assert "CSRF" in response.json()["error"]["message"]
     assert not Conversation.objects.exists()
 
 
@@ -203,14 +214,16 @@ def test_it_lists_only_the_callers_conversations(alice, bob):
     conversation_create(owner=bob, title="Bob's")
     response = client_as(alice).get(CONVERSATIONS_URL)
     assert response.status_code == 200
-    assert [(c["id"], c["title"]) for c in response.json()] == [(str(mine.id), "Alice's")]
+    assert [(c["id"], c["title"]) for c in response.json()["results"]] == [
+        (str(mine.id), "Alice's")
+    ]
 
 
 def test_it_lists_no_conversation_for_a_new_user(alice, bob):
     conversation_create(owner=bob, title="Bob's")
     response = client_as(alice).get(CONVERSATIONS_URL)
     assert response.status_code == 200
-    assert response.json() == []
+    assert (response.json()["count"], response.json()["results"]) == (0, [])
 
 
 def test_it_lists_conversations_newest_first(alice):
@@ -221,7 +234,7 @@ def test_it_lists_conversations_newest_first(alice):
         then = now - timedelta(hours=hours)
         Conversation.objects.filter(id=conversation.id).update(created_at=then, updated_at=then)
     response = client_as(alice).get(CONVERSATIONS_URL)
-    assert [c["title"] for c in response.json()] == ["newest", "middle", "oldest"]
+    assert [c["title"] for c in response.json()["results"]] == ["newest", "middle", "oldest"]
 
 
 def test_it_creates_a_conversation(alice):
@@ -257,7 +270,7 @@ def test_it_creates_a_conversation_from_an_empty_json_object(alice):
 def test_it_shows_the_new_conversation_in_the_list(alice):
     client = client_as(alice)
     created = client.post(CONVERSATIONS_URL, {"title": "Fresh"}, format="json").json()
-    assert [c["id"] for c in client.get(CONVERSATIONS_URL).json()] == [created["id"]]
+    assert [c["id"] for c in client.get(CONVERSATIONS_URL).json()["results"]] == [created["id"]]
 
 
 def test_it_accepts_a_title_of_200_characters(alice):
@@ -269,7 +282,9 @@ def test_it_accepts_a_title_of_200_characters(alice):
 def test_it_rejects_a_title_over_200_characters(alice):
     response = client_as(alice).post(CONVERSATIONS_URL, {"title": "t" * 201}, format="json")
     assert response.status_code == 400
-    assert "title" in response.json()
+    error = response.json()["error"]
+    assert (error["code"], list(error["fields"])) == ("too_long", ["title"])
+    assert error["message"] == "title: Ensure this field has no more than 200 characters."
     assert not Conversation.objects.exists()
 
 
@@ -284,7 +299,8 @@ def test_it_rejects_a_system_prompt_over_the_message_limit(alice):
     prompt = "p" * (settings.CHAT_MAX_MESSAGE_CHARS + 1)
     response = client_as(alice).post(CONVERSATIONS_URL, {"system_prompt": prompt}, format="json")
     assert response.status_code == 400
-    assert "system_prompt" in response.json()
+    error = response.json()["error"]
+    assert (error["code"], list(error["fields"])) == ("too_long", ["system_prompt"])
     assert not Conversation.objects.exists()
 
 
@@ -308,7 +324,7 @@ def test_it_lists_the_messages_in_position_order(alice):
     pending = message_send(conversation=conversation, content="Do they dream?")
     response = client_as(alice).get(messages_url(conversation.id))
     assert response.status_code == 200
-    assert [(m["role"], m["content"], m["status"]) for m in response.json()] == [
+    assert [(m["role"], m["content"], m["status"]) for m in response.json()["results"]] == [
         ("user", "What do bears eat?", "complete"),
         ("assistant", "Mostly berries.", "complete"),
         ("user", "And in winter?", "complete"),
@@ -316,7 +332,7 @@ def test_it_lists_the_messages_in_position_order(alice):
         ("user", "Do they dream?", "complete"),
         ("assistant", "", "queued"),
     ]
-    assert response.json()[-1]["job_id"] == str(pending.reply.job_id)
+    assert response.json()["results"][-1]["job_id"] == str(pending.reply.job_id)
 
 
 def test_it_shows_the_fields_of_each_message(alice):
@@ -330,7 +346,7 @@ def test_it_shows_the_fields_of_each_message(alice):
         content="Hi!",
         usage={"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
     )
-    question, answer = client_as(alice).get(messages_url(conversation.id)).json()
+    question, answer = client_as(alice).get(messages_url(conversation.id)).json()["results"]
     fields = {"id", "role", "content", "status", "job_id", "created_at", "error", "usage"}
     assert set(question) == fields
     assert set(answer) == fields
@@ -351,7 +367,7 @@ def test_it_shows_a_failed_reply_with_its_error(alice):
     start = reply_start(reply_id=sent.reply.id, default_model="test-model")
     assert start is not None
     reply_fail(reply_id=sent.reply.id, attempt=start.attempt, error="provider refused")
-    answer = client_as(alice).get(messages_url(conversation.id)).json()[1]
+    answer = client_as(alice).get(messages_url(conversation.id)).json()["results"][1]
     assert (answer["status"], answer["error"], answer["usage"]) == (
         "failed",
         "provider refused",
@@ -363,7 +379,7 @@ def test_it_lists_no_messages_of_a_new_conversation(alice):
     conversation = conversation_create(owner=alice)
     response = client_as(alice).get(messages_url(conversation.id))
     assert response.status_code == 200
-    assert response.json() == []
+    assert response.json() == {"next": None, "previous": None, "results": []}
 
 
 def test_it_returns_404_for_the_messages_of_another_users_conversation(alice, bob):
@@ -392,16 +408,7 @@ def test_it_lists_messages_with_the_session(alice):
     client.force_login(alice)
     response = client.get(messages_url(conversation.id))
     assert response.status_code == 200
-    assert [m["content"] for m in response.json()] == ["Over the session", ""]
-
-
-def test_it_does_not_create_messages_through_the_list(alice):
-    conversation = conversation_create(owner=alice)
-    response = client_as(alice).post(
-        messages_url(conversation.id), {"content": "sneaky"}, format="json"
-    )
-    assert response.status_code == 405
-    assert not Message.objects.exists()
+    assert [m["content"] for m in response.json()["results"]] == ["Over the session", ""]
 
 
 # --- Cancelling a reply -----------------------------------------------------------------
@@ -503,7 +510,14 @@ def test_it_returns_409_for_cancelling_a_finished_reply(alice):
     reply = Message.objects.get(conversation=conversation, role="assistant")
     response = client_as(alice).post(cancel_url(conversation.id, reply.job_id))
     assert response.status_code == 409
-    assert response.json() == {"detail": "The reply has already finished.", "status": "complete"}
+    assert response.json() == {
+        "error": {
+            "code": "finished",
+            "message": "The reply has already finished.",
+            "job_id": str(reply.job_id),
+            "status": "complete",
+        }
+    }
     reply.refresh_from_db()
     assert (reply.status, reply.content) == ("complete", "Hi there.")
 
@@ -516,4 +530,460 @@ def test_it_returns_409_for_cancelling_a_reply_twice(alice):
     second = client.post(cancel_url(conversation.id, sent.reply.job_id))
     assert (first.status_code, first.json()["status"]) == (202, "cancelled")
     assert second.status_code == 409
-    assert second.json()["status"] == "cancelled"
+    assert second.json()["error"]["status"] == "cancelled"
+
+
+# --- Sending a message ------------------------------------------------------------------
+
+
+def message_url(conversation_id: object, message_id: object) -> str:
+    return f"/api/conversations/{conversation_id}/messages/{message_id}/"
+
+
+@pytest.fixture
+def limits(settings):
+    """The settings, with every admission limit off: each test turns on the one it checks."""
+    settings.CHAT_RATE_LIMIT = (0, 60)
+    settings.CHAT_MAX_INFLIGHT_PER_USER = 0
+    settings.CHAT_LIMITS_EXEMPT_STAFF = False
+    return settings
+
+
+def send(user, conversation, **body: object):
+    return client_as(user).post(messages_url(conversation.id), body, format="json")
+
+
+def test_it_sends_a_message_and_queues_its_reply(alice, conversation):
+    response = send(alice, conversation, content="What do bears eat?")
+
+    assert response.status_code == 202
+    body = response.json()
+    message, reply = Message.objects.order_by("position")
+    assert set(body) == {"job_id", "message", "reply", "queue_position"}
+    assert body["job_id"] == str(reply.job_id)
+    assert (body["message"]["id"], body["message"]["role"]) == (str(message.id), "user")
+    assert body["message"]["content"] == "What do bears eat?"
+    assert (body["reply"]["id"], body["reply"]["status"]) == (str(reply.id), "queued")
+    assert body["queue_position"] is None
+    assert _queued_job_ids() == [body["job_id"]]  # on the queue, for a worker to take
+
+
+def _queued_job_ids() -> list[str]:
+    client = redis.Redis.from_url(settings.REDIS_URL, decode_responses=True)
+    entries = cast(StreamEntries, client.xrange(jobs_stream_key()))
+    client.close()
+    return [Job.from_fields(fields).job_id for _, fields in entries]
+
+
+def test_it_answers_a_resend_of_a_client_msg_id_with_the_first_send(alice, conversation):
+    first = send(alice, conversation, content="Hello", client_msg_id="m-1")
+    again = send(alice, conversation, content="Hello", client_msg_id="m-1")
+
+    assert (first.status_code, again.status_code) == (202, 202)
+    assert again.json()["job_id"] == first.json()["job_id"]
+    assert again.json()["message"]["id"] == first.json()["message"]["id"]
+    assert Message.objects.count() == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "message"),
+    [
+        ({}, "invalid", "A message needs non-empty text content."),
+        ({"content": "   "}, "invalid", "A message needs non-empty text content."),
+        ({"content": 7}, "invalid", "A message needs non-empty text content."),
+        (
+            {"content": "Hi", "client_msg_id": "x" * 65},
+            "invalid",
+            "client_msg_id must be a string of 1-64 characters.",
+        ),
+        (
+            {"content": "Hi", "client_msg_id": ""},
+            "invalid",
+            "client_msg_id must be a string of 1-64 characters.",
+        ),
+    ],
+)
+def test_it_refuses_an_invalid_message_with_400(alice, conversation, body, code, message):
+    response = client_as(alice).post(messages_url(conversation.id), body, format="json")
+
+    assert response.status_code == 400
+    assert response.json() == {"error": {"code": code, "message": message}}
+    assert not Message.objects.exists()
+
+
+def test_it_refuses_a_message_over_the_limit_with_400_too_long(alice, conversation, settings):
+    settings.CHAT_MAX_MESSAGE_CHARS = 10
+
+    response = send(alice, conversation, content="x" * 11)
+
+    assert response.status_code == 400
+    assert response.json()["error"] == {
+        "code": "too_long",
+        "message": "Messages are limited to 10 characters.",
+    }
+    assert not Message.objects.exists()
+
+
+def test_it_refuses_a_body_that_is_not_json_with_400(alice, conversation):
+    response = client_as(alice).post(
+        messages_url(conversation.id), "{not json", content_type="application/json"
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid"
+
+
+def test_it_returns_409_busy_while_a_reply_is_in_flight(alice, conversation, limits):
+    send(alice, conversation, content="First")
+
+    response = send(alice, conversation, content="Second")
+
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "busy"
+    assert "Retry-After" not in response
+    assert [m.content for m in Message.objects.filter(role="user")] == ["First"]
+
+
+def test_it_returns_429_with_retry_after_over_the_rate_limit(alice, limits):
+    limits.CHAT_RATE_LIMIT = (1, 60)
+    first, second = conversation_create(owner=alice), conversation_create(owner=alice)
+    send(alice, first, content="One")
+
+    response = send(alice, second, content="Two")
+
+    assert response.status_code == 429
+    error = response.json()["error"]
+    assert error["code"] == "rate_limited"
+    assert 0 < error["retry_after"] <= 60
+    assert response["Retry-After"] == str(error["retry_after"])
+    assert not Message.objects.filter(conversation=second).exists()
+
+
+def test_it_returns_429_over_the_in_flight_limit(alice, limits):
+    limits.CHAT_MAX_INFLIGHT_PER_USER = 1
+    first, second = conversation_create(owner=alice), conversation_create(owner=alice)
+    send(alice, first, content="One")
+
+    response = send(alice, second, content="Two")
+
+    assert response.status_code == 429
+    assert response.json()["error"]["message"] == "You already have 1 replies being generated."
+    assert response["Retry-After"] == "5"
+
+
+def test_it_answers_a_resend_as_before_even_over_the_limits(alice, conversation, limits):
+    limits.CHAT_RATE_LIMIT = (1, 60)
+    first = send(alice, conversation, content="Hello", client_msg_id="m-1")
+
+    again = send(alice, conversation, content="Hello", client_msg_id="m-1")
+
+    assert again.status_code == 202
+    assert again.json()["job_id"] == first.json()["job_id"]
+
+
+def test_it_returns_503_with_retry_after_when_the_queue_is_full(alice, bob, limits):
+    limits.LLM_MAX_PENDING_JOBS = 1
+    send(bob, conversation_create(owner=bob), content="Bob's")
+
+    response = send(alice, conversation_create(owner=alice), content="Alice's")
+
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "overloaded"
+    assert response["Retry-After"] == "10"
+    assert not Message.objects.filter(conversation__owner=alice).exists()
+
+
+def test_it_returns_503_with_retry_after_when_redis_is_down(alice, conversation, settings):
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens there
+    grizz_redis._clients.clear()
+
+    response = send(alice, conversation, content="Hello?")
+
+    grizz_redis._clients.clear()
+    assert response.status_code == 503
+    assert response.json()["error"] == {
+        "code": "unavailable",
+        "message": "Server busy, please retry your request.",
+        "retry_after": 5,
+    }
+    assert response["Retry-After"] == "5"
+    assert not Message.objects.exists()
+
+
+def test_it_returns_503_when_postgresql_is_down(alice, conversation):
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (own_pid,) = cursor.fetchone()
+    real_port = connection.settings_dict["PORT"]
+
+    # As a restart of PostgreSQL would, for the database threads the turn runs on; this
+    # thread's connection (which looks up the conversation) is spared.
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> %s",
+            [own_pid],
+        )
+    connection.settings_dict["PORT"] = free_port()
+    try:
+        response = send(alice, conversation, content="Hello?")
+    finally:
+        connection.settings_dict["PORT"] = real_port
+    again = send(alice, conversation, content="Hello again")
+
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "unavailable"
+    assert response["Retry-After"] == "5"
+    assert again.status_code == 202
+    assert [m.content for m in Message.objects.filter(role="user")] == ["Hello again"]
+
+
+def test_it_returns_404_for_sending_to_another_users_conversation(alice, bob):
+    conversation = conversation_create(owner=bob, title="Bob's")
+
+    response = send(alice, conversation, content="Hi Bob")
+
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+    assert not Message.objects.exists()
+
+
+def test_it_returns_401_for_sending_without_credentials(conversation):
+    response = APIClient().post(messages_url(conversation.id), {"content": "Hi"}, format="json")
+
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "not_authenticated"
+    assert not Message.objects.exists()
+
+
+async def test_it_shows_a_message_sent_over_http_to_the_sockets_on_the_conversation(alice):
+    socket = await chat_opened(alice)
+    conversation = await Conversation.objects.aget(id=str(socket.conversation_id))
+
+    response = await sync_to_async(send)(alice, conversation, content="From a script")
+    announced = await socket.receive()
+
+    assert response.status_code == 202
+    assert announced == {
+        "type": "user_message",
+        "job_id": response.json()["job_id"],
+        "message_id": response.json()["message"]["id"],
+        "reply_id": response.json()["reply"]["id"],
+        "content": "From a script",
+    }
+    await socket.close()
+
+
+async def test_it_streams_a_message_sent_over_http_to_its_reply(alice, fake_llm, worker):
+    fake_llm.default = Behaviour(reply="Mostly berries.")
+    conversation = await sync_to_async(conversation_create)(owner=alice)
+
+    response = await sync_to_async(send)(alice, conversation, content="What do bears eat?")
+    reply_id = response.json()["reply"]["id"]
+    deadline = time.monotonic() + 60
+    while (polled := await sync_to_async(_poll)(alice, conversation, reply_id))["status"] in (
+        "queued",
+        "streaming",
+    ):
+        assert time.monotonic() < deadline, polled
+        await asyncio.sleep(0.1)  # polling, as a client without a socket does
+
+    assert (polled["status"], polled["content"]) == ("complete", "Mostly berries.")
+
+
+def _poll(user, conversation, message_id) -> dict[str, Any]:
+    response = client_as(user).get(message_url(conversation.id, message_id))
+    assert response.status_code == 200
+    body: dict[str, Any] = response.json()
+    return body
+
+
+# --- One message ------------------------------------------------------------------------
+
+
+def test_it_shows_one_message(alice, conversation):
+    sent = message_send(conversation=conversation, content="Hello")
+
+    response = client_as(alice).get(message_url(conversation.id, sent.reply.id))
+
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["id"], body["role"], body["status"]) == (str(sent.reply.id), "assistant", "queued")
+    assert body["job_id"] == str(sent.reply.job_id)
+
+
+def test_it_returns_404_for_a_message_of_another_users_conversation(alice, bob):
+    conversation = conversation_create(owner=bob)
+    sent = message_send(conversation=conversation, content="bob's secret")
+
+    response = client_as(alice).get(message_url(conversation.id, sent.message.id))
+
+    assert response.status_code == 404
+    assert b"secret" not in response.content
+
+
+def test_it_returns_404_for_a_message_under_another_conversation(alice, conversation):
+    elsewhere = conversation_create(owner=alice)
+    sent = message_send(conversation=elsewhere, content="Hello")
+
+    response = client_as(alice).get(message_url(conversation.id, sent.message.id))
+
+    assert response.status_code == 404
+
+
+def test_it_returns_401_for_a_message_without_credentials(alice, conversation):
+    sent = message_send(conversation=conversation, content="Hello")
+    response = APIClient().get(message_url(conversation.id, sent.message.id))
+    assert response.status_code == 401
+
+
+# --- Pages ------------------------------------------------------------------------------
+
+
+def test_it_pages_messages_oldest_first_with_a_cursor(alice, conversation):
+    for number in range(5):
+        answered(conversation, f"question {number}", f"answer {number}")
+    client = client_as(alice)
+
+    pages, url = [], messages_url(conversation.id) + "?page_size=4"
+    while url:
+        page = client.get(url).json()
+        pages.append([m["content"] for m in page["results"]])
+        url = page["next"]
+
+    assert pages == [
+        ["question 0", "answer 0", "question 1", "answer 1"],
+        ["question 2", "answer 2", "question 3", "answer 3"],
+        ["question 4", "answer 4"],
+    ]
+
+
+def test_it_keeps_a_cursor_page_in_place_when_messages_are_added(alice, conversation):
+    for number in range(3):
+        answered(conversation, f"question {number}", f"answer {number}")
+    client = client_as(alice)
+    first = client.get(messages_url(conversation.id) + "?page_size=4").json()
+
+    answered(conversation, "question 3", "answer 3")
+    second = client.get(first["next"]).json()
+
+    assert [m["content"] for m in second["results"]] == [
+        "question 2",
+        "answer 2",
+        "question 3",
+        "answer 3",
+    ]
+
+
+def test_it_pages_conversations_newest_first(alice):
+    now = timezone.now()
+    for hours in range(3, 0, -1):
+        conversation = conversation_create(owner=alice, title=f"{hours} hours ago")
+        then = now - timedelta(hours=hours)
+        Conversation.objects.filter(id=conversation.id).update(created_at=then, updated_at=then)
+    client = client_as(alice)
+
+    first = client.get(CONVERSATIONS_URL + "?page_size=2").json()
+    second = client.get(first["next"]).json()
+
+    assert first["count"] == 3
+    assert [c["title"] for c in first["results"]] == ["1 hours ago", "2 hours ago"]
+    assert [c["title"] for c in second["results"]] == ["3 hours ago"]
+    assert second["next"] is None
+
+
+# --- Tokens: verify ---------------------------------------------------------------------
+
+
+def test_it_verifies_a_valid_token(alice):
+    pair = token_pair("alice", "alice-password-1")
+    for token in pair.values():
+        response = APIClient().post(VERIFY_URL, {"token": token}, format="json")
+        assert (response.status_code, response.json()) == (200, {})
+
+
+def test_it_refuses_to_verify_an_expired_token(alice):
+    token = AccessToken.for_user(alice)
+    token.set_exp(lifetime=-timedelta(seconds=1))
+
+    response = APIClient().post(VERIFY_URL, {"token": str(token)}, format="json")
+
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "token_not_valid"
+
+
+# --- One error shape --------------------------------------------------------------------
+
+
+def test_it_answers_every_error_in_one_shape(alice, conversation):
+    client = client_as(alice)
+    answers = [
+        APIClient().get(CONVERSATIONS_URL),
+        APIClient().get(CONVERSATIONS_URL, **bearer("not-a-jwt")),
+        APIClient().post(TOKEN_URL, {"username": "alice", "password": "wrong"}, format="json"),
+        APIClient().post(TOKEN_URL, {}, format="json"),
+        client.get(messages_url(uuid.uuid4())),
+        client.delete(messages_url(conversation.id)),
+        client.post(CONVERSATIONS_URL, {"title": "t" * 201}, format="json"),
+    ]
+
+    assert [(a.status_code, a.json()["error"]["code"]) for a in answers] == [
+        (401, "not_authenticated"),
+        (401, "token_not_valid"),
+        (401, "no_active_account"),
+        (400, "invalid"),
+        (404, "not_found"),
+        (405, "method_not_allowed"),
+        (400, "too_long"),
+    ]
+    assert all(set(a.json()) == {"error"} for a in answers)
+    assert all(a.json()["error"]["message"] for a in answers)
+
+
+# --- Schema and docs --------------------------------------------------------------------
+
+
+def test_it_serves_a_schema_that_validates_and_names_every_endpoint(tmp_path):
+    schema_file = tmp_path / "schema.yaml"
+    # --fail-on-warn: any warning of drf-spectacular (an unresolvable serializer, a path
+    # parameter without a type...) fails it, as does a schema invalid for OpenAPI 3.
+    call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(schema_file))
+    schema = yaml.safe_load(schema_file.read_text())
+
+    operations = {(path, method) for path, item in schema["paths"].items() for method in item}
+    assert operations == {
+        ("/api/auth/token/", "post"),
+        ("/api/auth/token/refresh/", "post"),
+        ("/api/auth/token/verify/", "post"),
+        ("/api/conversations/", "get"),
+        ("/api/conversations/", "post"),
+        ("/api/conversations/{conversation_id}/messages/", "get"),
+        ("/api/conversations/{conversation_id}/messages/", "post"),
+        ("/api/conversations/{conversation_id}/messages/{message_id}/", "get"),
+        ("/api/conversations/{conversation_id}/replies/{job_id}/cancel/", "post"),
+        ("/api/replies/{job_id}/stream", "get"),
+    }
+    send_op = schema["paths"]["/api/conversations/{conversation_id}/messages/"]["post"]
+    assert set(send_op["responses"]) == {"202", "400", "401", "404", "409", "429", "503"}
+    assert send_op["responses"]["429"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ApiError"
+    }
+    assert set(schema["components"]["schemas"]["Turn"]["properties"]) == {
+        "job_id",
+        "message",
+        "reply",
+        "queue_position",
+    }
+
+
+def test_it_serves_the_schema_and_its_docs_without_any_cdn(client):
+    schema = client.get("/api/schema/")
+    docs = client.get("/api/docs/")
+    html = docs.content.decode()
+    bundle = re.search(r'src="([^"]*swagger-ui-bundle\.js)"', html)
+
+    assert schema.status_code == 200
+    assert b"/api/replies/{job_id}/stream" in schema.content
+    assert docs.status_code == 200
+    assert "http://" not in html and "https://" not in html
+    assert bundle is not None and bundle.group(1).startswith("/static/drf_spectacular_sidecar/")
+    assert client.get(bundle.group(1)).status_code == 200

@@ -8,9 +8,9 @@ import time
 import pytest
 from asgiref.sync import sync_to_async
 
-from chat.consumers import REDIS_CALL_TIMEOUT
 from chat.models import Message
 from chat.services import conversation_create
+from chat.turns import REDIS_CALL_TIMEOUT
 from tests.support.sockets import ChatSocket
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
