@@ -18,6 +18,7 @@ from chat import services
 from chat.auth import DATABASE_DOWN
 from chat.models import Conversation, Message
 from chat.relay import UNAVAILABLE_ERRORS, ReplyRelay
+from grizz import metrics
 from grizz.database import database_call
 from llmworker.admission import Refusal, admission_withdraw, job_admit
 from llmworker.jobs import Job
@@ -70,6 +71,7 @@ class ChatConsumer(ReplyRelay):
     channel_layer_alias = "none"
     conversation: Conversation | None = None
     priority: str | None = None  # of this user's jobs, read once per socket
+    counted_open = False  # in the open sockets' gauge, until its disconnect
 
     async def __call__(
         self, scope: "_ChannelScope", receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -125,6 +127,8 @@ class ChatConsumer(ReplyRelay):
             logger.exception("socket refused: a dependency is down")
             return await self._refuse(CLOSE_TRY_AGAIN_LATER)
         await self.accept(subprotocol=self._subprotocol())
+        metrics.web().sockets_open.inc()
+        self.counted_open = True
         self._idle_watch()
         await self.send_json(
             {
@@ -159,6 +163,7 @@ class ChatConsumer(ReplyRelay):
         self.idle_closer = asyncio.create_task(self.close(CLOSE_IDLE))
 
     async def _refuse(self, code: int) -> None:
+        metrics.web().socket_refusals.labels(str(code)).inc()
         # A close code of our own can only be sent on an accepted socket.
         await self.accept(subprotocol=self._subprotocol())
         await self.close(code)
@@ -171,6 +176,9 @@ class ChatConsumer(ReplyRelay):
         )
 
     async def disconnect(self, code: int) -> None:
+        if self.counted_open:
+            metrics.web().sockets_open.dec()
+            self.counted_open = False
         if getattr(self, "idle_timer", None) is not None:
             self.idle_timer.cancel()
         if self.conversation is None:
@@ -232,6 +240,7 @@ class ChatConsumer(ReplyRelay):
                 self._admit(job_id), REDIS_CALL_TIMEOUT
             )
             if refusal is not None:
+                self._message_refusal_count(refusal.reason)
                 return await self._refuse_message(refusal, client_msg_id)
             sent = await message_send(
                 conversation=self.followed,
@@ -240,17 +249,23 @@ class ChatConsumer(ReplyRelay):
                 job_id=job_id,
             )
         except services.ConversationBusy:
+            self._message_refusal_count("busy")
             await self._withdraw(job_id)
             return await self._error("busy", "A reply is still being generated; wait or cancel it.")
         except UNAVAILABLE_ERRORS:
             logger.exception("message refused: a dependency is down")
             self._withdraw_in_background(job_id)
+            self._message_refusal_count("unavailable")
             return await self._unavailable()
         if not sent.created:
             await self._withdraw(job_id)  # a resend: the first send holds the place
         elif not await self._enqueue(sent):
+            self._message_refusal_count("unavailable")
             return await self._unavailable()
         await self._send_queued(sent, queue_position)
+
+    def _message_refusal_count(self, reason: str) -> None:
+        metrics.web().message_refusals.labels(reason).inc()
 
     async def _admit(self, job_id: str) -> tuple[Refusal | None, int | None]:
         """Backpressure and the user's limits, in one Redis call; a slowed sender waits."""
@@ -340,6 +355,7 @@ class ChatConsumer(ReplyRelay):
         reply = await reply_for_job(job_id=job_id, conversation_id=self.followed.id)
         if reply is None:
             return await self._error("invalid", "No such reply in this conversation.")
+        metrics.web().socket_resumes.inc()
         self._inbox_put("resume", reply, after)
 
     async def _on_cancel(self, frame: dict[str, Any]) -> None:

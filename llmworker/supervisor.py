@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
+from grizz.metrics import PoolMetrics
 from llmworker.names import LOCK_FD_ENV, NameClaim
 
 logger = logging.getLogger(__name__)
@@ -69,12 +70,14 @@ class Supervisor:
         grace: float,
         max_restarts: int,
         restart_window: float,
+        metrics: PoolMetrics | None = None,
     ) -> None:
         self.slots = [Slot(number, claim) for number, claim in enumerate(claims)]
         self.concurrency = concurrency
         self.grace = grace
         self.max_restarts = max_restarts
         self.restart_window = restart_window
+        self.metrics = metrics
         self.crashes: deque[float] = deque()
         self.shutdown = False
         self.gave_up = False
@@ -129,8 +132,11 @@ class Supervisor:
             f"--name={slot.claim.name}",
             f"--concurrency={self.concurrency}",
             f"--grace={self.grace}",
+            "--metrics-port=0",  # the supervisor serves its children's metrics
         ]
         env = {**os.environ, LOCK_FD_ENV: str(slot.claim.fd), PARENT_ENV: str(os.getpid())}
+        if self.metrics is not None:
+            env.update(self.metrics.child_env())
         slot.started_at = time.monotonic()
         try:
             slot.process = subprocess.Popen(args, env=env, pass_fds=(slot.claim.fd,))
@@ -145,6 +151,8 @@ class Supervisor:
             if slot.process is None or (code := slot.process.poll()) is None:
                 continue
             level = logging.INFO if self.shutdown else logging.ERROR
+            if self.metrics is not None:
+                self.metrics.child_exited(slot.process.pid)
             logger.log(level, "%s: pid %d %s", slot.label, slot.process.pid, _exit_status(code))
             slot.process = None
             if not self.shutdown:
@@ -158,6 +166,8 @@ class Supervisor:
         if len(self.crashes) > self.max_restarts:
             self._give_up()
             return
+        if self.metrics is not None:
+            self.metrics.restarts.inc()
         if now - slot.started_at >= STABLE_SECONDS:
             slot.failures = 0
         delay = min(BACKOFF_MOST, BACKOFF_FIRST * 2.0**slot.failures)

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -14,13 +15,20 @@ from django.conf import settings
 from redis.exceptions import RedisError, ResponseError
 
 from chat import services as chat_services
+from grizz import metrics
 from grizz.database import database_call
 from llmworker.faults import fault_point
 from llmworker.generation import Outcome, ReplyGeneration, Result
 from llmworker.jobs import Job
 from llmworker.providers import Provider, provider_get
 from llmworker.queue import Delivery, JobQueue, job_enqueue, jobs_live
-from llmworker.redis import cancel_channel, reconciler_lock_key, redis_get, redis_pubsub_client
+from llmworker.redis import (
+    cancel_channel,
+    entry_id_ms,
+    reconciler_lock_key,
+    redis_get,
+    redis_pubsub_client,
+)
 from llmworker.replies import ReplyPublisher
 
 logger = logging.getLogger(__name__)
@@ -76,6 +84,8 @@ class Worker:
         self.read_backoff = Backoff(first=0.5)
         # Jobs this name was given before a restart come first: read once, on the first step.
         self.own_pending_read = False
+        self.metrics = metrics.worker()
+        self.metrics.slots_free.set(concurrency)
 
     # The loop
 
@@ -151,8 +161,18 @@ class Worker:
             fault_point("before_own_pending_read")
             own = await self.queue.read_own_pending(count=count)
             self.own_pending_read = True
+            self.metrics.reply("reclaimed", len(own))
             return own
-        return await self._read_until_shutdown(count)
+        return self._queue_waits_count(await self._read_until_shutdown(count))
+
+    def _queue_waits_count(self, deliveries: list[Delivery]) -> list[Delivery]:
+        """First deliveries only: a job taken over waited for a lease, not in the queue."""
+        # Entry ids are the enqueue on Redis's clock: hosts' clocks must agree (NTP).
+        now_ms = time.time() * 1000
+        for delivery in deliveries:
+            waited = (now_ms - entry_id_ms(delivery.entry_id)) / 1000
+            self.metrics.queue_wait.observe(max(0.0, waited))
+        return deliveries
 
     async def _read_until_shutdown(self, count: int) -> list[Delivery]:
         read = asyncio.ensure_future(self.queue.read(count=count, block_ms=READ_BLOCK_MS))
@@ -190,13 +210,19 @@ class Worker:
             task = asyncio.create_task(self._run_job(delivery), name=f"job-{delivery.entry_id}")
             self.running[delivery.key] = RunningJob(delivery, task)
             task.add_done_callback(functools.partial(self._forget, delivery.key))
+            self._slots_count(+1)
 
     def _forget(self, key: str, task: asyncio.Task[None]) -> None:
-        self.running.pop(key, None)
+        if self.running.pop(key, None) is not None:
+            self._slots_count(-1)
+
+    def _slots_count(self, taken: int) -> None:
+        self.metrics.slots_busy.inc(taken)
+        self.metrics.slots_free.dec(taken)
 
     async def _run_job(self, delivery: Delivery) -> None:
         if delivery.job is None:
-            await self.queue.dead_letter(delivery, reason="malformed job entry", attempts=0)
+            await self._dead_letter(delivery, reason="malformed job entry", attempts=0)
             return
         generation = ReplyGeneration(
             job=delivery.job,
@@ -229,7 +255,11 @@ class Worker:
             elif result.reason:
                 logger.info("job %s: acknowledged (%s)", delivery.job.job_id, result.reason)
         elif result.outcome is Outcome.DEAD_LETTER:
-            await self.queue.dead_letter(delivery, reason=result.reason, attempts=result.attempts)
+            await self._dead_letter(delivery, reason=result.reason, attempts=result.attempts)
+
+    async def _dead_letter(self, delivery: Delivery, *, reason: str, attempts: int) -> None:
+        if await self.queue.dead_letter(delivery, reason=reason, attempts=attempts):
+            self.metrics.reply("dead_lettered")
 
     def _publisher(self, job: Job) -> ReplyPublisher:
         return ReplyPublisher(
@@ -255,6 +285,7 @@ class Worker:
         reclaimed = await self.queue.reclaim(min_idle_ms=int(self.lease * 1000), count=free)
         if reclaimed.deliveries:
             logger.info("worker %s: took over %d jobs", self.name, len(reclaimed.deliveries))
+            self.metrics.reply("reclaimed", len(reclaimed.deliveries))
         self._start_jobs(reclaimed.deliveries)
         if reclaimed.deleted_ids:
             await self._fail_deleted_entries(reclaimed.deleted_ids)

@@ -5,6 +5,8 @@ import secrets
 import subprocess
 import sys
 
+import pytest
+
 from tests.support.processes import ROOT
 
 PRODUCTION = {
@@ -74,3 +76,16 @@ def test_it_rejects_a_transport_limit_below_the_frame_limit():
     result = _manage("check", **env)
     assert result.returncode != 0
     assert "WS_TRANSPORT_MAX_BYTES must be at least 65536" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "said"),
+    [
+        ("METRICS_TOKEN", "short", "METRICS_TOKEN must be at least 16 characters"),
+        ("LLM_WORKER_METRICS_PORT", "70000", "LLM_WORKER_METRICS_PORT must be at most 65535"),
+    ],
+)
+def test_it_rejects_a_weak_metrics_token_and_a_port_out_of_range(name, value, said):
+    result = _manage("check", **{**PRODUCTION, name: value})
+    assert result.returncode != 0
+    assert said in result.stderr
