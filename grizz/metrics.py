@@ -85,6 +85,7 @@ STREAM_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 
 @dataclass(frozen=True)
 class WorkerMetrics:
+    replies_counter: Counter
     replies: dict[str, Counter]  # by outcome, bound once: no label lookup per reply
     queue_wait: Histogram
     first_token: Histogram
@@ -105,11 +106,23 @@ class WorkerMetrics:
     def circuit(self, *, provider: str, state: str) -> None:
         self.circuit_state.labels(provider).set(CIRCUIT_STATES[state])
 
+    def totals(self) -> dict[str, int]:
+        """Replies by outcome and tokens streamed, since this process started."""
+        found = {outcome: 0 for outcome in OUTCOMES}
+        for family in (*self.replies_counter.collect(), *self.tokens_streamed.collect()):
+            for sample in family.samples:
+                if sample.name == "grizz_replies_total":
+                    found[sample.labels["outcome"]] = int(sample.value)
+                elif sample.name == "grizz_tokens_streamed_total":
+                    found["tokens"] = int(sample.value)
+        return found
+
 
 @functools.cache
 def worker() -> WorkerMetrics:
     replies = Counter("grizz_replies", "Replies by outcome (see docs/metrics.md)", ["outcome"])
     return WorkerMetrics(
+        replies_counter=replies,
         replies={outcome: replies.labels(outcome) for outcome in OUTCOMES},
         queue_wait=Histogram(
             "grizz_queue_wait_seconds",

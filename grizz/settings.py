@@ -304,6 +304,9 @@ if METRICS_TOKEN and len(METRICS_TOKEN) < 16:
 # LLM_WORKER_METRICS_BIND says otherwise: the figures are for the operator's Prometheus only.
 LLM_WORKER_METRICS_PORT = envint("LLM_WORKER_METRICS_PORT", 0, maximum=65535)
 LLM_WORKER_METRICS_BIND = envstr("LLM_WORKER_METRICS_BIND", "127.0.0.1")
+# How often each worker puts its figures (replies, tokens, breakers, slots) in Redis for
+# llm_status; they expire after three periods without one.
+LLM_WORKER_SNAPSHOT_SECONDS = envfloat("LLM_WORKER_SNAPSHOT_SECONDS", 5.0, minimum=0.5)
 
 LOGGING = {
     "version": 1,

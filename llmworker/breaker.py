@@ -154,6 +154,12 @@ _breakers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Circu
 )
 
 
+def breaker_states() -> dict[str, str]:
+    """The state of each provider's breaker in this process (and event loop)."""
+    breakers = _breakers.get(asyncio.get_running_loop(), {})
+    return {name: breaker.state() for name, breaker in breakers.items()}
+
+
 def breaker_for(base_url: str) -> CircuitBreaker:
     """The breaker of a provider base URL, in this process (and event loop)."""
     breakers = _breakers.setdefault(asyncio.get_running_loop(), {})

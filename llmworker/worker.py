@@ -30,6 +30,7 @@ from llmworker.redis import (
     redis_pubsub_client,
 )
 from llmworker.replies import ReplyPublisher
+from llmworker.snapshots import SnapshotTaker, snapshot_publish, snapshot_remove
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class Worker:
         self.own_pending_read = False
         self.metrics = metrics.worker()
         self.metrics.slots_free.set(concurrency)
+        self.snapshots = SnapshotTaker(name=name, concurrency=concurrency)
 
     # The loop
 
@@ -100,6 +102,9 @@ class Worker:
             asyncio.create_task(self._every(self.lease / 3, self._leases_renew)),
             asyncio.create_task(self._every(self.lease / 2, self._jobs_reclaim)),
             asyncio.create_task(self._every(settings.LLM_RECONCILE_SECONDS, self._reconcile)),
+            asyncio.create_task(
+                self._every(settings.LLM_WORKER_SNAPSHOT_SECONDS, self._snapshot_publish)
+            ),
         ]
         # Not cancelled but left to end: cancelling redis-py's (8.1) PubSub.get_message soon
         # after the subscription can hang for ever, and with it a worker told to stop.
@@ -110,6 +115,8 @@ class Worker:
             chore.cancel()
         await asyncio.gather(*chores, return_exceptions=True)
         await self._drain()
+        with contextlib.suppress(*TRANSIENT_ERRORS):
+            await snapshot_remove(self.name)
         await cancels
         await self.provider.aclose()
         logger.info("worker %s: stopped", self.name)
@@ -324,6 +331,9 @@ class Worker:
             )
             await job_enqueue(job=job)
             logger.warning("job %s: found without a queue entry; enqueued again", job.job_id)
+
+    async def _snapshot_publish(self) -> None:
+        await snapshot_publish(self.snapshots.take(slots_busy=len(self.running)))
 
     async def _cancels_listen(self) -> None:
         """Until the shutdown, within CANCELS_POLL_SECONDS of it."""
