@@ -20,6 +20,7 @@ from chat.auth import DATABASE_DOWN, IDENTITY, SocketIdentity
 from chat.models import Conversation, Message
 from chat.relay import UNAVAILABLE_ERRORS, ReplyRelay
 from chat.turns import REDIS_CALL_TIMEOUT, Queued, Sender, turn_send
+from grizz import metrics
 from grizz.database import database_call
 from llmworker.replies import reply_hub_get
 
@@ -60,6 +61,7 @@ class ChatConsumer(ReplyRelay):
     conversation: Conversation | None = None
     user: User  # set by connect(), which refuses a socket whose user is not signed in
     sender: Sender | None = None  # this socket's turns' (chat/turns.py)
+    counted_open = False  # in the open sockets' gauge, until its disconnect
 
     async def __call__(
         self, scope: "_ChannelScope", receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -116,6 +118,8 @@ class ChatConsumer(ReplyRelay):
             logger.exception("socket refused: a dependency is down")
             return await self._refuse(CLOSE_TRY_AGAIN_LATER)
         await self.accept(subprotocol=self._subprotocol())
+        metrics.web().sockets_open.inc()
+        self.counted_open = True
         self._idle_watch()
         await self.send_json(
             {
@@ -150,6 +154,7 @@ class ChatConsumer(ReplyRelay):
         self.idle_closer = asyncio.create_task(self.close(CLOSE_IDLE))
 
     async def _refuse(self, code: int) -> None:
+        metrics.web().socket_refusals.labels(str(code)).inc()
         # A close code of our own can only be sent on an accepted socket.
         await self.accept(subprotocol=self._subprotocol())
         await self.close(code)
@@ -162,6 +167,9 @@ class ChatConsumer(ReplyRelay):
         )
 
     async def disconnect(self, code: int) -> None:
+        if self.counted_open:
+            metrics.web().sockets_open.dec()
+            self.counted_open = False
         if getattr(self, "idle_timer", None) is not None:
             self.idle_timer.cancel()
         if self.conversation is None:
@@ -238,6 +246,7 @@ class ChatConsumer(ReplyRelay):
         reply = await reply_for_job(job_id=job_id, conversation_id=self.followed.id)
         if reply is None:
             return await self._error("invalid", "No such reply in this conversation.")
+        metrics.web().socket_resumes.inc()
         self._inbox_put("resume", reply, after)
 
     async def _on_cancel(self, frame: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from django.contrib.auth.models import User
 from chat import services
 from chat.models import Conversation
 from chat.relay import UNAVAILABLE_ERRORS
+from grizz import metrics
 from grizz.database import database_call
 from llmworker.admission import Refusal, admission_withdraw, job_admit
 from llmworker.jobs import Job
@@ -93,22 +94,31 @@ async def turn_send(
     try:
         refusal, queue_position = await asyncio.wait_for(_admit(sender, job_id), REDIS_CALL_TIMEOUT)
         if refusal is not None:
+            _refusal_count(refusal.reason)
             return await _refusal_or_earlier(refusal, conversation, msg_id)
         sent = await message_send(
             conversation=conversation, content=text, client_msg_id=msg_id, job_id=job_id
         )
     except services.ConversationBusy:
+        _refusal_count("busy")
         await _withdraw(sender, job_id)
         return BUSY
     except UNAVAILABLE_ERRORS:
         logger.exception("message refused: a dependency is down")
         _withdraw_in_background(sender, job_id)
+        _refusal_count("unavailable")
         return UNAVAILABLE
     if not sent.created:
         await _withdraw(sender, job_id)  # a resend: the first send holds the place
     elif not await _enqueue(sender, sent):
+        _refusal_count("unavailable")
         return UNAVAILABLE
     return Queued(sent, queue_position)
+
+
+def _refusal_count(reason: str) -> None:
+    # Not the checks of the message itself (invalid, too_long): those are the client's bugs.
+    metrics.web().message_refusals.labels(reason).inc()
 
 
 def _checked(*, content: object, client_msg_id: object) -> Refused | tuple[str, str | None]:

@@ -361,6 +361,19 @@ LLM_BREAKER_RESET_SECONDS = envfloat("LLM_BREAKER_RESET_SECONDS", 30.0, minimum=
 # `timeout`. Longer than LLM_REQUEST_TIMEOUT_SECONDS leaves room to retry a stalled request.
 LLM_RESULT_TIMEOUT_SECONDS = envfloat("LLM_RESULT_TIMEOUT_SECONDS", 120.0, minimum=0.1)
 
+# Metrics (grizz/metrics.py). The web's /metrics answers a request bearing this token
+# (`Authorization: Bearer ...`), or a staff session; anyone else gets a 404. Empty: staff only.
+METRICS_TOKEN = envstr("METRICS_TOKEN", "")
+if METRICS_TOKEN and len(METRICS_TOKEN) < 16:
+    raise ImproperlyConfigured("METRICS_TOKEN must be at least 16 characters (or empty)")
+# The port of a worker's (or a supervised pool's) /metrics; 0: none. On 127.0.0.1 unless
+# LLM_WORKER_METRICS_BIND says otherwise: the figures are for the operator's Prometheus only.
+LLM_WORKER_METRICS_PORT = envint("LLM_WORKER_METRICS_PORT", 0, maximum=65535)
+LLM_WORKER_METRICS_BIND = envstr("LLM_WORKER_METRICS_BIND", "127.0.0.1")
+# How often each worker puts its figures (replies, tokens, breakers, slots) in Redis for
+# llm_status; they expire after three periods without one.
+LLM_WORKER_SNAPSHOT_SECONDS = envfloat("LLM_WORKER_SNAPSHOT_SECONDS", 5.0, minimum=0.5)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

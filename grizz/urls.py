@@ -1,11 +1,13 @@
 from django.contrib import admin
 from django.urls import include, path
 
-from grizz import health
+from grizz import health, metrics_views
 
 urlpatterns = [
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
+    path("metrics", metrics_views.metrics, name="metrics"),
+    path("metrics/cluster", metrics_views.metrics_cluster, name="metrics-cluster"),
     path("admin/", admin.site.urls),
     path("api/", include("chat.api_urls")),
     path("accounts/", include("django.contrib.auth.urls")),

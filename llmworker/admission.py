@@ -68,6 +68,7 @@ class Refusal:
     code: str  # "rate_limited" or "overloaded"
     message: str
     retry_after: int
+    reason: str  # overloaded, rate or inflight (the metrics tell the two rate_limited apart)
 
 
 @dataclass(frozen=True)
@@ -109,12 +110,13 @@ async def job_admit(*, user_id: int, job_id: str, limited: bool = True) -> Admis
 def _refusal(verdict: str, number: int, *, count: int, window: int) -> Refusal:
     if verdict == "overloaded":
         message = "Service is currently at capacity; please retry shortly."
-        return Refusal("overloaded", message, OVERLOADED_RETRY_AFTER_SECONDS)
+        return Refusal("overloaded", message, OVERLOADED_RETRY_AFTER_SECONDS, "overloaded")
     if verdict == "rate":
         message = f"You can send {count} messages per {window} seconds."
-        return Refusal("rate_limited", message, number)
+        return Refusal("rate_limited", message, number, "rate")
     inflight = settings.CHAT_MAX_INFLIGHT_PER_USER
-    return Refusal("rate_limited", f"You already have {inflight} replies being generated.", number)
+    message = f"You already have {inflight} replies being generated."
+    return Refusal("rate_limited", message, number, "inflight")
 
 
 def _slowdown(*, depth: int) -> Admission:

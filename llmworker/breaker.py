@@ -23,6 +23,8 @@ from collections.abc import Callable
 
 from django.conf import settings
 
+from grizz import metrics
+
 logger = logging.getLogger(__name__)
 
 
@@ -71,6 +73,17 @@ class CircuitBreaker:
         self.probe: Permit | None = None  # the half-open call in flight
         # Set (then replaced) on every change: waiters wake at once, no polling.
         self.changed = asyncio.Event()
+        self._state_show()
+
+    def state(self) -> str:
+        """closed, half_open (a probe in flight) or open (including past its period, until
+        a job asks to call: half-opening is lazy)."""
+        if self.open_until is None:
+            return "closed"
+        return "half_open" if self.probe is not None else "open"
+
+    def _state_show(self) -> None:
+        metrics.worker().circuit(provider=self.name, state=self.state())
 
     def admit(self) -> Permit | None:
         """Leave to call the provider now, or None: wait (`wait_for_change`), then ask again."""
@@ -79,6 +92,7 @@ class CircuitBreaker:
         if self.probe is not None or self.clock() < self.open_until:
             return None
         self.probe = Permit(self, probe=True)
+        self._state_show()
         logger.info("provider %s: circuit half-open; one job probes it", self.name)
         return self.probe
 
@@ -106,6 +120,7 @@ class CircuitBreaker:
             self.probe = None
             logger.info("provider %s: circuit closed; waiting jobs proceed", self.name)
             self._notify()
+            self._state_show()
 
     def _failed(self, permit: Permit) -> None:
         self.failures += 1
@@ -120,11 +135,13 @@ class CircuitBreaker:
             # The probe ended without a verdict: let another waiting job probe.
             self.probe = None
             self._notify()
+            self._state_show()
 
     def _open(self, why: str) -> None:
         self.open_until = self.clock() + self.reset_seconds
         logger.warning("provider %s: circuit open for %gs (%s)", self.name, self.reset_seconds, why)
         self._notify()
+        self._state_show()
 
     def _notify(self) -> None:
         self.changed.set()
@@ -135,6 +152,12 @@ class CircuitBreaker:
 _breakers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, CircuitBreaker]]" = (
     weakref.WeakKeyDictionary()
 )
+
+
+def breaker_states() -> dict[str, str]:
+    """The state of each provider's breaker in this process (and event loop)."""
+    breakers = _breakers.get(asyncio.get_running_loop(), {})
+    return {name: breaker.state() for name, breaker in breakers.items()}
 
 
 def breaker_for(base_url: str) -> CircuitBreaker:

@@ -12,6 +12,7 @@ import enum
 import logging
 import math
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -20,12 +21,14 @@ from django.conf import settings
 
 from chat import services as chat_services
 from chat.services import ReplyStart
+from grizz import metrics
 from grizz.database import database_call
 from llmworker.admission import user_release
 from llmworker.breaker import CircuitBreaker, Permit, breaker_for
 from llmworker.faults import fault_point
 from llmworker.jobs import Job
 from llmworker.providers import Chunk, Provider, ProviderError, model_default
+from llmworker.redis import entry_id_ms
 from llmworker.replies import ReplyPublisher, StaleAttempt
 
 logger = logging.getLogger(__name__)
@@ -144,10 +147,12 @@ class ReplyGeneration:
     sent_any_delta: bool = False
     # The sockets were told the provider is unavailable, and nothing has come since.
     told_unavailable: bool = False
+    first_token_at: float = 0.0  # monotonic
 
     def __post_init__(self) -> None:
         # Shared by every job of the process that calls the same provider.
         self.breaker: CircuitBreaker = breaker_for(self.provider.base_url)
+        self.metrics = metrics.worker()
 
     def cancel(self) -> None:
         self.cancel_requested.set()
@@ -191,12 +196,23 @@ class ReplyGeneration:
             reply_id=self.job.reply_id, attempt=start.attempt, content=content, usage=self.usage
         ):
             raise StaleAttempt()
+        # Counted once the reply is saved, before its last frame: whoever saw the reply end
+        # finds it counted.
+        self._complete_count()
         await self._slot_release()
         await self.publisher.done(
             reply_id=self.job.reply_id, status="complete", content=content, usage=self.usage
         )
         logger.info("job %s: complete, %d characters", self.job.job_id, len(content))
         return Result(Outcome.ACK)
+
+    def _complete_count(self) -> None:
+        self.metrics.reply("complete")
+        if self.sent_any_delta:
+            self.metrics.first_token_to_done.observe(time.monotonic() - self.first_token_at)
+        usage = self.usage or {}
+        for kind in ("prompt", "completion"):
+            self.metrics.provider_tokens.labels(kind).inc(usage.get(f"{kind}_tokens", 0))
 
     async def _generate_until_cancelled(self, start: ReplyStart) -> None:
         work = asyncio.ensure_future(self._generate_with_retries(start))
@@ -223,6 +239,7 @@ class ReplyGeneration:
                 if not error.retryable or retry == settings.LLM_RETRY_LIMIT:
                     raise
                 delay = retry_delay(retry, error.retry_after)
+                self.metrics.reply("retried")
                 logger.warning(
                     "job %s: %s; retry %d in %.1fs",
                     self.job.job_id,
@@ -239,14 +256,19 @@ class ReplyGeneration:
         try:
             await self._stream_once(start, permit, watchdog)
         except ProviderError as error:
+            self._provider_error_count(error.kind, error.status)
             if error.retryable:  # a 400 says nothing about the provider's health
                 permit.failed()
             raise
         except ResultTimeout:
+            self._provider_error_count("timeout", None)
             permit.failed()  # a provider that hangs is as unavailable as one that refuses
             raise
         finally:
             permit.release()  # no verdict (a 400, a cancel): another job may probe
+
+    def _provider_error_count(self, kind: str, status: int | None) -> None:
+        self.metrics.provider_error(provider=self.breaker.name, kind=kind, status=status)
 
     async def _breaker_pass(self, watchdog: Watchdog) -> Permit:
         """Leave to call the provider. While its circuit is open the job waits: it does not
@@ -291,6 +313,8 @@ class ReplyGeneration:
                     self._take(chunk)
             await self.publisher.deltas_flush()
         finally:
+            # Counted per call, not per token: the per-token path stays as it was.
+            self.metrics.tokens_streamed.inc(len(self.parts))
             # Ends the HTTP stream at once if we stop early (a failed send of deltas).
             await chunks.aclose()
 
@@ -299,9 +323,17 @@ class ReplyGeneration:
             self.parts.append(chunk.text)
             # Sent without waiting: tokens that come while Redis is busy go out together.
             self.publisher.delta_push(chunk.text)
-            self.sent_any_delta = True
+            if not self.sent_any_delta:
+                self._first_token()
         if chunk.usage is not None:
             self.usage = chunk.usage
+
+    def _first_token(self) -> None:
+        self.sent_any_delta = True
+        self.first_token_at = time.monotonic()
+        # The entry id is the enqueue on Redis's clock: hosts' clocks must agree (NTP).
+        waited = time.time() - entry_id_ms(self.entry_id) / 1000
+        self.metrics.first_token.observe(max(0.0, waited))
 
     async def _finish_cancelled(self, start: ReplyStart) -> Result:
         content = "".join(self.parts)
@@ -313,6 +345,7 @@ class ReplyGeneration:
             status="cancelled",
         ):
             raise StaleAttempt()
+        self.metrics.reply("cancelled")
         await self._slot_release()
         await self.publisher.done(
             reply_id=self.job.reply_id, status="cancelled", content=content, usage=self.usage
@@ -324,6 +357,7 @@ class ReplyGeneration:
         logger.warning("job %s: failed: %s", self.job.job_id, message)
         if not await reply_fail(reply_id=self.job.reply_id, attempt=start.attempt, error=message):
             raise StaleAttempt()
+        self.metrics.reply("failed")
         await self._slot_release()
         await self.publisher.error(code=code, message=message)
         return Result(Outcome.DEAD_LETTER, reason=message, attempts=start.attempt)
@@ -337,6 +371,7 @@ class ReplyGeneration:
         reason = f"delivered {start.attempt} times, more than LLM_MAX_ATTEMPTS"
         logger.error("job %s: %s; moving it to the dead letters", self.job.job_id, reason)
         # reply_start has already failed the reply, under the row lock.
+        self.metrics.reply("failed")
         await self._slot_release()
         await self.publisher.error(
             code="llm_error", message="The reply could not be generated; please try again."

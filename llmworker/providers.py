@@ -27,11 +27,24 @@ class Chunk:
 class ProviderError(Exception):
     """The provider could not produce a reply; `message` is safe to show to the user."""
 
-    def __init__(self, message: str, *, retryable: bool, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool,
+        retry_after: float | None = None,
+        kind: str = "connection",
+        status: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retryable = retryable
         self.retry_after = retry_after  # seconds the provider asked us to wait, if it did
+        # For the metrics: "status" (an HTTP error, with its status), "connection" (not
+        # reached, or the stream broke off), "malformed" (an event not JSON), "event" (an
+        # error event in the stream).
+        self.kind = kind
+        self.status = status
 
 
 class Provider(Protocol):
@@ -124,6 +137,8 @@ class OpenAIProvider:
                 f"{_error_text(error)}",
                 retryable=error.status_code in (408, 409, 429) or error.status_code >= 500,
                 retry_after=_retry_after(error.response.headers),
+                kind="status",
+                status=error.status_code,
             ) from error
         except (openai.APIConnectionError, httpx2.RequestError) as error:
             # The client maps errors of the request; those of reading its stream are httpx's.
@@ -161,13 +176,15 @@ def _chunk_from_data(data: str) -> Chunk:
         event = orjson.loads(data)
     except orjson.JSONDecodeError as error:
         raise ProviderError(
-            f"The model provider sent a malformed event: {data[:200]!r}", retryable=True
+            f"The model provider sent a malformed event: {data[:200]!r}",
+            retryable=True,
+            kind="malformed",
         ) from error
     if not isinstance(event, dict):
         return Chunk()
     if event.get("error"):
         raise ProviderError(
-            f"The model provider failed: {_event_error_text(event)}", retryable=True
+            f"The model provider failed: {_event_error_text(event)}", retryable=True, kind="event"
         )
     return _chunk_from_event(event)
 

@@ -204,6 +204,17 @@ def conversation_channel(conversation_id: str) -> str:
     return key("conv", conversation_id)
 
 
+def worker_snapshot_key(name: str) -> str:
+    # A worker's latest figures for llm_status (llmworker/snapshots.py), with a TTL.
+    return key("worker", name, "snapshot")
+
+
+def worker_snapshots_key() -> str:
+    # The names of the workers that published a snapshot, scored by when (ms): llm_status
+    # reads the snapshots without a SCAN.
+    return key("workers")
+
+
 WORKER_GROUP = "workers"
 
 

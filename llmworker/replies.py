@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from django.conf import settings
 from redis.exceptions import NoScriptError, RedisError
 
+from grizz import metrics
 from llmworker.redis import (
     CommandBatches,
     StreamEntries,
@@ -510,6 +511,7 @@ class ReplyHub:
         return reply
 
     async def _reconnect(self) -> None:
+        metrics.web().hub_reconnects.inc()
         with contextlib.suppress(RedisError, OSError):
             await self.pubsub.aclose()
         self.pubsub = self.redis.pubsub()

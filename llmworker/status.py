@@ -8,7 +8,7 @@ Ages come from entry ids (the milliseconds of their XADD) against Redis's own cl
 so that a status taken on a host whose clock drifts still tells the truth.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 from redis.exceptions import ResponseError
@@ -23,14 +23,9 @@ from llmworker.redis import (
     redis_get,
     redis_now_ms,
 )
+from llmworker.snapshots import WorkerSnapshot, worker_snapshots
 
 RECENT_DEAD_LETTERS = 3
-
-# What llm_status cannot show yet: there is no cheap source for them until the metrics
-# (issue 11, "Metrics and health") count them in each process.
-NOT_SHOWN = (
-    "throughput and failures over the last minute, circuit breakers: they come with /metrics"
-)
 
 
 @dataclass(frozen=True)
@@ -72,7 +67,7 @@ class QueueStatus:
     consumers: list[ConsumerStatus]
     dead_letters: DeadLettersStatus
     redis_memory: RedisMemory
-    not_shown: str = field(default=NOT_SHOWN)
+    workers: list[WorkerSnapshot]  # each live worker's latest figures (snapshots.py)
 
 
 async def queue_status() -> QueueStatus:
@@ -90,6 +85,7 @@ async def queue_status() -> QueueStatus:
             used_human=str(memory["used_memory_human"]),
             max_bytes=int(memory.get("maxmemory", 0)),
         ),
+        workers=await worker_snapshots(),
     )
 
 
@@ -201,12 +197,36 @@ def status_table(status: QueueStatus, *, local_time: str = "") -> str:
         lines.append(head + _clip(letter.reason, WIDTH - len(head)))
     memory = status.redis_memory
     limit = f"of {_bytes(memory.max_bytes)} maxmemory" if memory.max_bytes else "(no maxmemory)"
-    lines += [
-        "",
-        f"REDIS MEMORY  {memory.used_human} used {limit}",
-        f"Not shown: {status.not_shown}",
-    ]
+    lines += ["", f"REDIS MEMORY  {memory.used_human} used {limit}", ""]
+    lines += _workers_table(status.workers)
     return "\n".join(lines)
+
+
+def _workers_table(workers: list[WorkerSnapshot]) -> list[str]:
+    """Each worker's replies over about the last minute, its slots and breakers."""
+    lines = [
+        f"{'WORKER':<36} {'SLOTS':>11} {'DONE/MIN':>9} {'FAILED/MIN':>10} "
+        f"{'TOKENS/MIN':>10} {'CIRCUIT':>9} {'OVER':>6}"
+    ]
+    for worker in workers:
+        minute = worker.last_minute
+        slots = f"{worker.slots_busy}/{worker.concurrency}"
+        lines.append(
+            f"{_clip(worker.name, 36):<36} {slots:>11} {minute['complete']:>9} "
+            f"{minute['failed']:>10} {minute['tokens']:>10} {_worst(worker.circuits):>9} "
+            f"{duration(worker.window_seconds):>6}"
+        )
+    if not workers:
+        lines.append("(none: no worker has published its figures in the last few seconds)")
+    return lines
+
+
+def _worst(circuits: dict[str, str]) -> str:
+    """The breaker most in the way, of a worker's providers ("-": none called yet)."""
+    for state in ("open", "half_open", "closed"):
+        if state in circuits.values():
+            return state
+    return "-"
 
 
 def duration(seconds: float | None) -> str:

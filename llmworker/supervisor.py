@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
+from grizz.metrics import PoolMetrics
 from llmworker.autoscale import Autoscaler
 from llmworker.names import LOCK_FD_ENV, NameClaim
 
@@ -79,6 +80,7 @@ class Supervisor:
         max_restarts: int,
         restart_window: float,
         autoscaler: Autoscaler | None = None,
+        metrics: PoolMetrics | None = None,
     ) -> None:
         self.slots = [Slot(number, claim) for number, claim in enumerate(claims)]
         self.size = processes  # the slots below it are to run
@@ -87,6 +89,7 @@ class Supervisor:
         self.max_restarts = max_restarts
         self.restart_window = restart_window
         self.autoscaler = autoscaler
+        self.metrics = metrics
         self.crashes: deque[float] = deque()
         self.shutdown = False
         self.gave_up = False
@@ -144,8 +147,11 @@ class Supervisor:
             f"--name={slot.claim.name}",
             f"--concurrency={self.concurrency}",
             f"--grace={self.grace}",
+            "--metrics-port=0",  # the supervisor serves its children's metrics
         ]
         env = {**os.environ, LOCK_FD_ENV: str(slot.claim.fd), PARENT_ENV: str(os.getpid())}
+        if self.metrics is not None:
+            env.update(self.metrics.child_env())
         slot.started_at = time.monotonic()
         try:
             slot.process = subprocess.Popen(args, env=env, pass_fds=(slot.claim.fd,))
@@ -161,6 +167,8 @@ class Supervisor:
                 continue
             asked = self.shutdown or slot.stop_by is not None
             why = " (scaled down)" if asked and not self.shutdown else ""
+            if self.metrics is not None:
+                self.metrics.child_exited(slot.process.pid)
             logger.log(
                 logging.INFO if asked else logging.ERROR,
                 "%s: pid %d %s%s", slot.label, slot.process.pid, _exit_status(code), why,
@@ -178,6 +186,8 @@ class Supervisor:
         if len(self.crashes) > self.max_restarts:
             self._give_up()
             return
+        if self.metrics is not None:
+            self.metrics.restarts.inc()
         if now - slot.started_at >= STABLE_SECONDS:
             slot.failures = 0
         delay = min(BACKOFF_MOST, BACKOFF_FIRST * 2.0**slot.failures)

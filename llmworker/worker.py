@@ -9,6 +9,7 @@ import contextlib
 import functools
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ from django.conf import settings
 from redis.exceptions import ResponseError
 
 from chat import services as chat_services
+from grizz import metrics
 from grizz.database import database_call
 from llmworker.faults import fault_point
 from llmworker.generation import Outcome, ReplyGeneration, Result
@@ -23,8 +25,15 @@ from llmworker.jobs import Job
 from llmworker.maintenance import MaintenanceRunner
 from llmworker.providers import Provider, provider_get
 from llmworker.queue import Delivery, JobQueue
-from llmworker.redis import TRANSIENT_ERRORS, cancel_channel, redis_get, redis_pubsub_client
+from llmworker.redis import (
+    TRANSIENT_ERRORS,
+    cancel_channel,
+    entry_id_ms,
+    redis_get,
+    redis_pubsub_client,
+)
 from llmworker.replies import ReplyPublisher
+from llmworker.snapshots import SnapshotTaker, snapshot_publish, snapshot_remove
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +87,9 @@ class Worker:
         self.maintenance = MaintenanceRunner(name=name, shutdown=self.shutdown)
         # Jobs this name was given before a restart come first: read once, on the first step.
         self.own_pending_read = False
+        self.metrics = metrics.worker()
+        self.metrics.slots_free.set(concurrency)
+        self.snapshots = SnapshotTaker(name=name, concurrency=concurrency)
 
     # The loop
 
@@ -91,6 +103,9 @@ class Worker:
         chores = [
             asyncio.create_task(self._every(self.lease / 3, self._leases_renew)),
             asyncio.create_task(self._every(self.lease / 2, self._jobs_reclaim)),
+            asyncio.create_task(
+                self._every(settings.LLM_WORKER_SNAPSHOT_SECONDS, self._snapshot_publish)
+            ),
         ]
         # Not cancelled but left to end: it hands the maintenance over before the drain.
         maintenance = asyncio.create_task(self.maintenance.run())
@@ -104,6 +119,8 @@ class Worker:
         await asyncio.gather(*chores, return_exceptions=True)
         await maintenance
         await self._drain()
+        with contextlib.suppress(*TRANSIENT_ERRORS):
+            await snapshot_remove(self.name)
         await cancels
         await self.provider.aclose()
         logger.info("worker %s: stopped", self.name)
@@ -155,8 +172,18 @@ class Worker:
             fault_point("before_own_pending_read")
             own = await self.queue.read_own_pending(count=count)
             self.own_pending_read = True
+            self.metrics.reply("reclaimed", len(own))
             return own
-        return await self._read_until_shutdown(count)
+        return self._queue_waits_count(await self._read_until_shutdown(count))
+
+    def _queue_waits_count(self, deliveries: list[Delivery]) -> list[Delivery]:
+        """First deliveries only: a job taken over waited for a lease, not in the queue."""
+        # Entry ids are the enqueue on Redis's clock: hosts' clocks must agree (NTP).
+        now_ms = time.time() * 1000
+        for delivery in deliveries:
+            waited = (now_ms - entry_id_ms(delivery.entry_id)) / 1000
+            self.metrics.queue_wait.observe(max(0.0, waited))
+        return deliveries
 
     async def _read_until_shutdown(self, count: int) -> list[Delivery]:
         read = asyncio.ensure_future(self.queue.read(count=count, block_ms=READ_BLOCK_MS))
@@ -194,13 +221,19 @@ class Worker:
             task = asyncio.create_task(self._run_job(delivery), name=f"job-{delivery.entry_id}")
             self.running[delivery.key] = RunningJob(delivery, task)
             task.add_done_callback(functools.partial(self._forget, delivery.key))
+            self._slots_count(+1)
 
     def _forget(self, key: str, task: asyncio.Task[None]) -> None:
-        self.running.pop(key, None)
+        if self.running.pop(key, None) is not None:
+            self._slots_count(-1)
+
+    def _slots_count(self, taken: int) -> None:
+        self.metrics.slots_busy.inc(taken)
+        self.metrics.slots_free.dec(taken)
 
     async def _run_job(self, delivery: Delivery) -> None:
         if delivery.job is None:
-            await self.queue.dead_letter(delivery, reason="malformed job entry", attempts=0)
+            await self._dead_letter(delivery, reason="malformed job entry", attempts=0)
             return
         generation = ReplyGeneration(
             job=delivery.job,
@@ -233,7 +266,11 @@ class Worker:
             elif result.reason:
                 logger.info("job %s: acknowledged (%s)", delivery.job.job_id, result.reason)
         elif result.outcome is Outcome.DEAD_LETTER:
-            await self.queue.dead_letter(delivery, reason=result.reason, attempts=result.attempts)
+            await self._dead_letter(delivery, reason=result.reason, attempts=result.attempts)
+
+    async def _dead_letter(self, delivery: Delivery, *, reason: str, attempts: int) -> None:
+        if await self.queue.dead_letter(delivery, reason=reason, attempts=attempts):
+            self.metrics.reply("dead_lettered")
 
     def _publisher(self, job: Job) -> ReplyPublisher:
         return ReplyPublisher(
@@ -259,6 +296,7 @@ class Worker:
         reclaimed = await self.queue.reclaim(min_idle_ms=int(self.lease * 1000), count=free)
         if reclaimed.deliveries:
             logger.info("worker %s: took over %d jobs", self.name, len(reclaimed.deliveries))
+            self.metrics.reply("reclaimed", len(reclaimed.deliveries))
         self._start_jobs(reclaimed.deliveries)
         if reclaimed.deleted_ids:
             await self._fail_deleted_entries(reclaimed.deleted_ids)
@@ -273,6 +311,9 @@ class Worker:
                 client=redis_get(),
             )
             await publisher.error(code="llm_error", message=message)
+
+    async def _snapshot_publish(self) -> None:
+        await snapshot_publish(self.snapshots.take(slots_busy=len(self.running)))
 
     async def _cancels_listen(self) -> None:
         """Until the shutdown, within CANCELS_POLL_SECONDS of it."""

@@ -4,7 +4,7 @@ and the fake provider; what the operator reads, and what the user's socket then 
 import asyncio
 import io
 import json
-from typing import cast
+from typing import Any, cast
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -165,3 +165,51 @@ async def test_it_shows_the_job_a_worker_runs_and_the_job_waiting(
     await bobs.receive_until("done")
     await alices.close()
     await bobs.close()
+
+
+async def _status_once(condition, timeout: float = 20) -> dict[str, Any]:
+    """llm_status --json, polled until the condition holds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        status: dict[str, Any] = json.loads(await run("llm_status", "--json"))
+        if condition(status):
+            return status
+        assert asyncio.get_running_loop().time() < deadline, status
+        await asyncio.sleep(0.1)
+
+
+async def test_it_shows_each_workers_replies_of_the_last_minute_and_its_breaker(
+    alice, fake_llm, service_env, start_worker
+):
+    service_env["LLM_WORKER_SNAPSHOT_SECONDS"] = "0.5"
+    fake_llm.default = Behaviour(tokens=TOKENS)
+    worker = await asyncio.to_thread(start_worker, "figures")
+    name = worker.args[3].removeprefix("--name=")
+    socket = await chat_opened(alice)
+    await message_queued(socket)
+    await socket.receive_until("done")
+
+    # Once the job is acknowledged too (counted complete before its last frame).
+    status = await _status_once(
+        lambda s: (
+            [(w["last_minute"]["complete"], w["slots_busy"]) for w in s["workers"]] == [(1, 0)]
+        )
+    )
+    table = await run("llm_status")
+    await asyncio.to_thread(worker.stop)
+    after_stop = json.loads(await run("llm_status", "--json"))
+
+    [figures] = status["workers"]
+    assert figures["name"] == name
+    assert (figures["slots_busy"], figures["concurrency"]) == (0, 8)
+    assert figures["last_minute"]["tokens"] == len(TOKENS)
+    assert figures["last_minute"]["failed"] == 0
+    assert figures["totals"]["complete"] == 1
+    assert list(figures["circuits"].values()) == ["closed"]
+    assert 0 < figures["window_seconds"] <= 70
+    workers = table.split("\nWORKER ", 1)[1]  # its own section, after the consumers'
+    [row] = [line for line in workers.splitlines() if line.startswith(name)]
+    assert row.split()[1:6] == ["0/8", "1", "0", str(len(TOKENS)), "closed"]
+    assert all(len(line) <= 100 for line in table.splitlines())
+    assert after_stop["workers"] == []
+    await socket.close()

@@ -5,6 +5,8 @@ import secrets
 import subprocess
 import sys
 
+import pytest
+
 from tests.support.processes import ROOT
 
 PRODUCTION = {
@@ -87,3 +89,16 @@ def test_it_rejects_autoscale_bounds_out_of_order():
     result = _manage("check", **{**PRODUCTION, "LLM_WORKER_AUTOSCALE": "4,2"})
     assert result.returncode != 0
     assert "LLM_WORKER_AUTOSCALE must be MIN,MAX with 1 <= MIN <= MAX, got '4,2'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "said"),
+    [
+        ("METRICS_TOKEN", "short", "METRICS_TOKEN must be at least 16 characters"),
+        ("LLM_WORKER_METRICS_PORT", "70000", "LLM_WORKER_METRICS_PORT must be at most 65535"),
+    ],
+)
+def test_it_rejects_a_weak_metrics_token_and_a_port_out_of_range(name, value, said):
+    result = _manage("check", **{**PRODUCTION, name: value})
+    assert result.returncode != 0
+    assert said in result.stderr

@@ -17,6 +17,7 @@ GRIZZ_PREFIXES: tuple[str, ...] = (
     "JWT_",
     "LLM_",
     "LOG_LEVEL",
+    "METRICS_",
 )
 GRIZZ_PREFIXES += ("OPENAI_", "REDIS_", "WS_")
 

@@ -3,17 +3,20 @@ import asyncio
 import multiprocessing
 import signal
 import sys
-from typing import Any
+from typing import Any, TypeVar
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from grizz.eventloop import event_loop_policy_install
+from grizz.metrics import MetricsServer, PoolMetrics
 from grizz.settings import bounds_parse
 from llmworker.autoscale import Autoscaler, BacklogReader
 from llmworker.names import NameInUse, consumer_name_claim, host_name, names_claim_free
 from llmworker.supervisor import Supervisor, supervisor_watch
 from llmworker.worker import Worker
+
+T = TypeVar("T", MetricsServer, PoolMetrics)
 
 
 def _bounds(value: str) -> tuple[int, int]:
@@ -87,6 +90,18 @@ class Command(BaseCommand):
             help="least time between two scaling steps, and how long the backlog must stay "
             "low for a step down (default LLM_WORKER_AUTOSCALE_COOLDOWN, %(default)s)",
         )
+        parser.add_argument(
+            "--metrics-port",
+            type=int,
+            default=settings.LLM_WORKER_METRICS_PORT,
+            help="serve Prometheus metrics on this port, a supervisor for its whole pool "
+            "(default LLM_WORKER_METRICS_PORT, %(default)s: none)",
+        )
+        parser.add_argument(
+            "--metrics-bind",
+            default=settings.LLM_WORKER_METRICS_BIND,
+            help="the address of --metrics-port (default LLM_WORKER_METRICS_BIND, %(default)s)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["processes"] < 1:
@@ -101,7 +116,21 @@ class Command(BaseCommand):
             raise CommandError(str(error)) from None
         multiprocessing.current_process().name = claim.name  # shown in every log line
         event_loop_policy_install()
-        asyncio.run(self.run(claim.name, options))
+        server = self.metrics_serve(MetricsServer, options)
+        try:
+            asyncio.run(self.run(claim.name, options))
+        finally:
+            if server is not None:
+                server.close()
+
+    def metrics_serve(self, kind: type[T], options: dict[str, Any]) -> T | None:
+        port, bind = options["metrics_port"], options["metrics_bind"]
+        if not port:
+            return None
+        try:
+            return kind(port=port, bind=bind)
+        except OSError as error:
+            raise CommandError(f"cannot serve metrics on {bind}:{port}: {error}") from None
 
     def supervise(self, options: dict[str, Any]) -> int:
         base = options["name"] or host_name()
@@ -115,6 +144,7 @@ class Command(BaseCommand):
         except NameInUse as error:
             raise CommandError(str(error)) from None
         multiprocessing.current_process().name = f"{base}-supervisor"
+        metrics = self.metrics_serve(PoolMetrics, options)
         supervisor = Supervisor(
             claims=claims,
             processes=processes,
@@ -123,8 +153,13 @@ class Command(BaseCommand):
             max_restarts=options["max_restarts"],
             restart_window=options["restart_window"],
             autoscaler=autoscaler,
+            metrics=metrics,
         )
-        return supervisor.run()
+        try:
+            return supervisor.run()
+        finally:
+            if metrics is not None:
+                metrics.close()
 
     def autoscaler(self, options: dict[str, Any]) -> Autoscaler | None:
         if options["autoscale"] is None:
