@@ -1,4 +1,5 @@
 import uuid
+from datetime import timedelta
 
 from django.conf import settings
 from django.db import models
@@ -104,3 +105,11 @@ class Message(models.Model):
             "completion_tokens": self.completion_tokens or 0,
             "total_tokens": self.total_tokens,
         }
+
+    @property
+    def latency(self) -> timedelta | None:
+        """How long a finished reply took, from its user's message being sent (when the reply
+        row is written) to its end: the wait in the queue and every attempt included."""
+        if self.finished_at is None:
+            return None
+        return self.finished_at - self.created_at

@@ -5,15 +5,30 @@ call. They are synchronous (the ORM); async callers wrap them with database_call
 
 import contextlib
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, TypedDict
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import IntegrityError, connection, transaction
-from django.db.models import F, Model
+from django.db.models import (
+    Aggregate,
+    Count,
+    Exists,
+    F,
+    Max,
+    Model,
+    OuterRef,
+    Prefetch,
+    Q,
+    QuerySet,
+    Subquery,
+    Sum,
+)
+from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
 from chat import portable
@@ -123,6 +138,75 @@ def conversation_active_job(*, conversation_id: uuid.UUID | str) -> str | None:
         .first()
     )
     return str(job_id) if job_id else None
+
+
+# --- Review: the queries behind the admin's conversation pages ---------------------------
+
+
+class ConversationActivity(TypedDict):
+    """What conversations_with_activity adds to each conversation."""
+
+    message_count: int
+    tokens_used: int
+    last_activity: datetime
+    has_failed_reply: bool
+
+
+def conversations_with_activity(*, conversations: QuerySet[Conversation]) -> QuerySet[Conversation]:
+    """Conversations with their number of messages, tokens used, last activity (a reply
+    ends after the conversation was last touched) and whether a reply failed. Subqueries,
+    not a join with GROUP BY: a filter or search that joins the messages as well would
+    multiply a joined count."""
+    last_message = _per_conversation(Max("updated_at"))
+    return conversations.annotate(
+        message_count=Coalesce(_per_conversation(Count("pk")), 0),
+        tokens_used=Coalesce(_per_conversation(Sum("total_tokens")), 0),
+        last_activity=Greatest("updated_at", Coalesce(last_message, "updated_at")),
+        has_failed_reply=Exists(_replies_in([Message.Status.FAILED])),
+    )
+
+
+def conversations_with_replies(
+    *, conversations: QuerySet[Conversation], statuses: Iterable[str]
+) -> QuerySet[Conversation]:
+    """The conversations with at least one reply in one of these statuses."""
+    return conversations.filter(Exists(_replies_in(statuses)))
+
+
+def conversations_search(
+    *, conversations: QuerySet[Conversation], terms: Iterable[str]
+) -> QuerySet[Conversation]:
+    """The conversations that match every term in their title, their owner's username or
+    one of their messages. The messages are searched in a subquery: a join would list a
+    conversation once per matching message."""
+    for term in terms:
+        in_messages = Message.objects.filter(conversation=OuterRef("pk"), content__icontains=term)
+        conversations = conversations.filter(
+            Q(title__icontains=term) | Q(owner__username__icontains=term) | Exists(in_messages)
+        )
+    return conversations
+
+
+def conversations_with_transcripts(
+    *, conversations: QuerySet[Conversation]
+) -> QuerySet[Conversation]:
+    """Conversations with their owner and their messages in order: three queries in all."""
+    in_order = Message.objects.order_by("position")
+    return conversations.select_related("owner").prefetch_related(
+        Prefetch("messages", queryset=in_order)
+    )
+
+
+def _per_conversation(aggregate: Aggregate) -> Subquery:
+    """One aggregate of the outer conversation's messages (NULL when it has none)."""
+    messages = Message.objects.filter(conversation=OuterRef("pk")).order_by()
+    return Subquery(messages.values("conversation").annotate(value=aggregate).values("value"))
+
+
+def _replies_in(statuses: Iterable[str]) -> QuerySet[Message]:
+    return Message.objects.filter(
+        conversation=OuterRef("pk"), role=Message.Role.ASSISTANT, status__in=list(statuses)
+    )
 
 
 @dataclass(frozen=True)
