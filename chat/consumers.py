@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import uuid
 from typing import TYPE_CHECKING, Any, cast
 
@@ -19,6 +20,7 @@ from chat.auth import DATABASE_DOWN
 from chat.models import Conversation, Message
 from chat.relay import UNAVAILABLE_ERRORS, ReplyRelay
 from grizz.database import database_call
+from grizz.logs import log_context, log_context_bind, milliseconds
 from llmworker.admission import Refusal, admission_withdraw, job_admit
 from llmworker.jobs import Job
 from llmworker.queue import job_enqueue
@@ -109,6 +111,8 @@ class ChatConsumer(ReplyRelay):
         if user is None or not user.is_authenticated:
             return await self._refuse(CLOSE_UNAUTHENTICATED)
         conversation_id = _uuid_or_none(self.scope["url_route"]["kwargs"]["conversation_id"])
+        # The socket's own task (__call__): on each of its lines until it closes.
+        log_context_bind(user_id=str(user.id))
         try:
             opened = conversation_id and await conversation_open_for_user(
                 conversation_id=conversation_id, user=self.user
@@ -118,6 +122,7 @@ class ChatConsumer(ReplyRelay):
             # The active job first, then follow: a reply that starts in between is followed
             # from its first frame, like any reply that starts while the socket is open.
             conversation, active_job_id = opened.conversation, opened.active_job_id
+            log_context_bind(conversation_id=str(conversation.id))
             if active_job_id:
                 self.awaiting_resume = frozenset({active_job_id})
             await self._follow(conversation)
@@ -223,10 +228,12 @@ class ChatConsumer(ReplyRelay):
             return await self._error(
                 "invalid", "client_msg_id must be a string of 1-64 characters."
             )
-        await self._send_message(content=content, client_msg_id=client_msg_id)
-
-    async def _send_message(self, *, content: str, client_msg_id: str | None) -> None:
         job_id = str(uuid.uuid4())
+        with log_context(job_id=job_id):
+            await self._send_message(job_id=job_id, content=content, client_msg_id=client_msg_id)
+
+    async def _send_message(self, *, job_id: str, content: str, client_msg_id: str | None) -> None:
+        received_at = time.monotonic()
         try:
             refusal, queue_position = await asyncio.wait_for(
                 self._admit(job_id), REDIS_CALL_TIMEOUT
@@ -248,7 +255,7 @@ class ChatConsumer(ReplyRelay):
             return await self._unavailable()
         if not sent.created:
             await self._withdraw(job_id)  # a resend: the first send holds the place
-        elif not await self._enqueue(sent):
+        elif not await self._enqueue(sent, received_at=received_at):
             return await self._unavailable()
         await self._send_queued(sent, queue_position)
 
@@ -301,7 +308,7 @@ class ChatConsumer(ReplyRelay):
             queued["queue_position"] = queue_position
         await self.send_json(queued)
 
-    async def _enqueue(self, sent: services.SentMessage) -> bool:
+    async def _enqueue(self, sent: services.SentMessage, *, received_at: float) -> bool:
         if self.priority is None:
             self.priority = await user_priority(user=self.user)
         job = Job(
@@ -325,12 +332,22 @@ class ChatConsumer(ReplyRelay):
             await asyncio.wait_for(
                 job_enqueue(job=job, announcement=json.dumps(announcement)), REDIS_CALL_TIMEOUT
             )
-            return True
         except UNAVAILABLE_ERRORS:
             logger.exception("job %s not queued: Redis error", job.job_id)
             await message_retract(sent=sent)
             self._withdraw_in_background(job.job_id)
             return False
+        # From the frame to the job on the queue: admission, the durable commit, the XADD.
+        duration_ms = milliseconds(time.monotonic() - received_at)
+        logger.info(
+            "job %s: enqueued for conversation %s in %d ms",
+            job.job_id, job.conversation_id, duration_ms,
+            extra={
+                **job.log_fields(), "priority": job.priority, "duration_ms": duration_ms,
+                "content": sent.message.content,
+            },
+        )  # fmt: skip
+        return True
 
     async def _on_resume(self, frame: dict[str, Any]) -> None:
         job_id = _uuid_or_none(frame.get("job_id"))
@@ -360,7 +377,7 @@ class ChatConsumer(ReplyRelay):
                 )
             await asyncio.wait_for(services.reply_cancel(reply=reply), REDIS_CALL_TIMEOUT)
         except UNAVAILABLE_ERRORS:
-            logger.exception("cancel of job %s failed", job_id)
+            logger.exception("cancel of job %s failed", job_id, extra={"job_id": str(job_id)})
             await self._unavailable()
 
     frame_handlers = {

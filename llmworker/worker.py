@@ -15,6 +15,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from chat import services as chat_services
 from grizz.database import database_call
+from grizz.logs import log_context_bind
 from llmworker.faults import fault_point
 from llmworker.generation import Outcome, ReplyGeneration, Result
 from llmworker.jobs import Job
@@ -80,6 +81,7 @@ class Worker:
     # The loop
 
     async def run(self) -> None:
+        log_context_bind(consumer=self.name)  # on every line of the process, from here on
         logger.info(
             "worker %s: started, concurrency %d, provider %s",
             self.name, self.concurrency, self.provider.name,
@@ -198,6 +200,8 @@ class Worker:
         if delivery.job is None:
             await self.queue.dead_letter(delivery, reason="malformed job entry", attempts=0)
             return
+        # The job's own task: its ids stay on its lines and go with it.
+        log_context_bind(**delivery.job.log_fields())
         generation = ReplyGeneration(
             job=delivery.job,
             entry_id=delivery.entry_id,
@@ -243,7 +247,10 @@ class Worker:
         for key in report.lost:
             job = self.running.get(key)
             if job is not None:
-                logger.warning("worker %s: lost the lease of %s; abandoning it", self.name, key)
+                logger.warning(
+                    "worker %s: lost the lease of %s; abandoning it", self.name, key,
+                    extra=job.delivery.job.log_fields() if job.delivery.job else None,
+                )  # fmt: skip
                 job.task.cancel()
         for key in report.cancelled:
             self._cancel(self.running.get(key))
@@ -262,11 +269,16 @@ class Worker:
     async def _fail_deleted_entries(self, entry_ids: list[str]) -> None:
         message = "The reply's job was lost by the queue; please send your message again."
         for reply in await replies_fail_for_entries(entry_ids=entry_ids, error=message):
-            logger.error("job %s: its queue entry was deleted while pending", reply.job_id)
+            ids = {
+                "job_id": str(reply.job_id),
+                "reply_id": str(reply.id),
+                "conversation_id": str(reply.conversation_id),
+            }
+            logger.error(
+                "job %s: its queue entry was deleted while pending", ids["job_id"], extra=ids
+            )
             publisher = ReplyPublisher(
-                job_id=str(reply.job_id),
-                conversation_id=str(reply.conversation_id),
-                client=redis_get(),
+                job_id=ids["job_id"], conversation_id=ids["conversation_id"], client=redis_get()
             )
             await publisher.error(code="llm_error", message=message)
 
@@ -292,7 +304,10 @@ class Worker:
                 priority=reply.priority,
             )
             await job_enqueue(job=job)
-            logger.warning("job %s: found without a queue entry; enqueued again", job.job_id)
+            logger.warning(
+                "job %s: found without a queue entry; enqueued again", job.job_id,
+                extra=job.log_fields(),
+            )  # fmt: skip
 
     async def _cancels_listen(self) -> None:
         """Until the shutdown, within CANCELS_POLL_SECONDS of it."""

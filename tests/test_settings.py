@@ -1,6 +1,7 @@
 """The settings file: production settings pass Django's deployment checks, and bad values
 stop the process at start-up instead of running with a silent default."""
 
+import json
 import secrets
 import subprocess
 import sys
@@ -74,3 +75,35 @@ def test_it_rejects_a_transport_limit_below_the_frame_limit():
     result = _manage("check", **env)
     assert result.returncode != 0
     assert "WS_TRANSPORT_MAX_BYTES must be at least 65536" in result.stderr
+
+
+def test_it_rejects_an_unknown_log_format():
+    result = _manage("check", **{**PRODUCTION, "LOG_FORMAT": "xml"})
+    assert result.returncode != 0
+    assert "LOG_FORMAT must be one of json, text, got 'xml'" in result.stderr
+
+
+LOG_A_LINE = "import logging; logging.getLogger('grizz').warning('a line for the operator')"
+
+
+def test_it_logs_json_in_production_and_plain_text_in_debug():
+    production = _manage("shell", "-c", LOG_A_LINE, **PRODUCTION)
+    debug = _manage("shell", "-c", LOG_A_LINE, **{**PRODUCTION, "DJANGO_DEBUG": "1"})
+
+    (line,) = production.stderr.splitlines()
+    assert (
+        json.loads(line).items()
+        >= {"level": "WARNING", "message": "a line for the operator"}.items()
+    )
+    assert debug.stderr.rstrip().endswith("WARNING MainProcess grizz a line for the operator")
+
+
+def test_it_logs_a_crash_as_one_json_line():
+    result = _manage("shell", "-c", "raise RuntimeError('out of cheese')", **PRODUCTION)
+
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    crash = json.loads(line)
+    assert crash["level"] == "CRITICAL"
+    assert crash["exc_info"].startswith("Traceback (most recent call last):")
+    assert crash["exc_info"].endswith("RuntimeError: out of cheese")
