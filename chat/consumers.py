@@ -22,6 +22,7 @@ from chat.relay import UNAVAILABLE_ERRORS, ReplyRelay
 from chat.turns import REDIS_CALL_TIMEOUT, Queued, Sender, turn_send
 from grizz import metrics
 from grizz.database import database_call
+from grizz.logs import log_context_bind
 from llmworker.replies import reply_hub_get
 
 if TYPE_CHECKING:
@@ -97,6 +98,8 @@ class ChatConsumer(ReplyRelay):
         if identity is None:
             return await self._refuse(CLOSE_UNAUTHENTICATED)
         conversation_id = _uuid_or_none(self.scope["url_route"]["kwargs"]["conversation_id"])
+        # The socket's own task (__call__): on each of its lines until it closes.
+        log_context_bind(user_id=str(identity.user_id))
         try:
             # The user and the conversation in one database call: the token was checked
             # without one.
@@ -111,6 +114,7 @@ class ChatConsumer(ReplyRelay):
             # The active job first, then follow: a reply that starts in between is followed
             # from its first frame, like any reply that starts while the socket is open.
             conversation, active_job_id = opened.conversation, opened.active_job_id
+            log_context_bind(conversation_id=str(conversation.id))
             if active_job_id:
                 self.awaiting_resume = frozenset({active_job_id})
             await self._follow(conversation)
@@ -267,7 +271,7 @@ class ChatConsumer(ReplyRelay):
                 )
             await asyncio.wait_for(services.reply_cancel(reply=reply), REDIS_CALL_TIMEOUT)
         except UNAVAILABLE_ERRORS:
-            logger.exception("cancel of job %s failed", job_id)
+            logger.exception("cancel of job %s failed", job_id, extra={"job_id": str(job_id)})
             await self._unavailable()
 
     frame_handlers = {

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from chat.models import Conversation
 from chat.relay import UNAVAILABLE_ERRORS
 from grizz import metrics
 from grizz.database import database_call
+from grizz.logs import log_context, milliseconds
 from llmworker.admission import Refusal, admission_withdraw, job_admit
 from llmworker.jobs import Job
 from llmworker.queue import job_enqueue
@@ -89,8 +91,15 @@ async def turn_send(
     checked = _checked(content=content, client_msg_id=client_msg_id)
     if isinstance(checked, Refused):
         return checked
-    text, msg_id = checked
     job_id = str(uuid.uuid4())
+    with log_context(job_id=job_id):
+        return await _turn_send(conversation, sender, job_id, *checked)
+
+
+async def _turn_send(
+    conversation: Conversation, sender: Sender, job_id: str, text: str, msg_id: str | None
+) -> TurnOutcome:
+    received_at = time.monotonic()
     try:
         refusal, queue_position = await asyncio.wait_for(_admit(sender, job_id), REDIS_CALL_TIMEOUT)
         if refusal is not None:
@@ -110,7 +119,7 @@ async def turn_send(
         return UNAVAILABLE
     if not sent.created:
         await _withdraw(sender, job_id)  # a resend: the first send holds the place
-    elif not await _enqueue(sender, sent):
+    elif not await _enqueue(sender, sent, received_at=received_at):
         _refusal_count("unavailable")
         return UNAVAILABLE
     return Queued(sent, queue_position)
@@ -172,7 +181,7 @@ def _withdraw_in_background(sender: Sender, job_id: str) -> None:
     task.add_done_callback(_background_tasks.discard)
 
 
-async def _enqueue(sender: Sender, sent: services.SentMessage) -> bool:
+async def _enqueue(sender: Sender, sent: services.SentMessage, *, received_at: float) -> bool:
     if sender.priority is None:
         sender.priority = await user_priority(user=sender.user)
     job = Job(
@@ -196,9 +205,23 @@ async def _enqueue(sender: Sender, sent: services.SentMessage) -> bool:
         await asyncio.wait_for(
             job_enqueue(job=job, announcement=json.dumps(announcement)), REDIS_CALL_TIMEOUT
         )
-        return True
     except UNAVAILABLE_ERRORS:
         logger.exception("job %s not queued: Redis error", job.job_id)
         await message_retract(sent=sent)
         _withdraw_in_background(sender, job.job_id)
         return False
+    _enqueued_log(job, sent, received_at=received_at)
+    return True
+
+
+def _enqueued_log(job: Job, sent: services.SentMessage, *, received_at: float) -> None:
+    # From the message to the job on the queue: admission, the durable commit, the XADD.
+    duration_ms = milliseconds(time.monotonic() - received_at)
+    logger.info(
+        "job %s: enqueued for conversation %s in %d ms",
+        job.job_id, job.conversation_id, duration_ms,
+        extra={
+            **job.log_fields(), "priority": job.priority, "duration_ms": duration_ms,
+            "content": sent.message.content,
+        },
+    )  # fmt: skip

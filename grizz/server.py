@@ -12,8 +12,12 @@ was refused instead of seeing the connection drop (1006, no reason), and one to 
   socket can make the process hold in memory.
 - Above the transport limit the frame is not read: the socket is closed with 1009 and a
   reason naming WS_MAX_FRAME_BYTES (autobahn's failByDrop off, so it sends a close frame).
+
+And its access log goes through logging, in the format of every other line (LOG_FORMAT),
+instead of straight to stdout.
 """
 
+import logging
 import os
 import pprint
 import sys
@@ -27,6 +31,7 @@ event_loop_policy_install()
 # imports Twisted.
 from daphne.server import Server  # isort: skip  # noqa: E402
 from autobahn.websocket import protocol as autobahn_protocol  # noqa: E402
+from daphne.access import AccessLogGenerator  # noqa: E402
 from daphne.cli import CommandLineInterface  # noqa: E402
 from daphne.ws_protocol import WebSocketProtocol  # noqa: E402
 from django.conf import settings  # noqa: E402
@@ -79,11 +84,50 @@ class FrameLimitedWebSocketProtocol(WebSocketProtocol):
         )
 
 
+class AccessLog(AccessLogGenerator):
+    """daphne's access log entries, as log records: `client`, `request`, `status`, `size`."""
+
+    logger = logging.getLogger("grizz.access")
+
+    def __init__(self) -> None:
+        super().__init__(stream=None)
+
+    def write_entry(
+        self,
+        host: str,
+        date: object,
+        request: str,
+        status: int | None = None,
+        length: int | None = None,
+        ident: str | None = None,
+        user: str | None = None,
+    ) -> None:
+        self.logger.info(
+            '%s "%s" %s %s', host, request, status or "-", length or "-",
+            extra={"client": host, "request": request, "status": status, "size": length},
+        )  # fmt: skip
+
+
+def _access_log(daphne_log: AccessLogGenerator | None) -> AccessLogGenerator | None:
+    # daphne's access log (on unless -v0) writes to stdout itself; one asked for in a file
+    # (--access-log) stays daphne's.
+    if daphne_log is not None and daphne_log.stream is sys.stdout:
+        return AccessLog()
+    return daphne_log
+
+
 class GrizzServer(Server):
-    def __init__(self, *args: Any, ready_callable: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, ready_callable: Any = None, action_logger: Any = None, **kwargs: Any
+    ) -> None:
         # daphne calls ready_callable once its factories exist and before the reactor
         # runs, that is before any socket is accepted: the place to adjust the factory.
-        super().__init__(*args, ready_callable=self._websockets_configure, **kwargs)
+        super().__init__(
+            *args,
+            ready_callable=self._websockets_configure,
+            action_logger=_access_log(action_logger),
+            **kwargs,
+        )
         self.then_ready = ready_callable
 
     def _websockets_configure(self) -> None:

@@ -83,6 +83,13 @@ def envrate(name: str, default: str) -> tuple[int, int]:
     return int(count), windows[unit.strip()]
 
 
+def envchoice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = envstr(name, default) or default
+    if value not in choices:
+        raise ImproperlyConfigured(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def envlist(name: str, default: str) -> list[str]:
     return [item.strip() for item in envstr(name, default).split(",") if item.strip()]
 
@@ -374,16 +381,40 @@ LLM_WORKER_METRICS_BIND = envstr("LLM_WORKER_METRICS_BIND", "127.0.0.1")
 # llm_status; they expire after three periods without one.
 LLM_WORKER_SNAPSHOT_SECONDS = envfloat("LLM_WORKER_SNAPSHOT_SECONDS", 5.0, minimum=0.5)
 
+# Logs (docs/logging.md): one JSON object per line in production, for a log collector;
+# plain lines for a person at a terminal (DJANGO_DEBUG=1, and `make run` sets text).
+LOG_FORMAT = envchoice("LOG_FORMAT", "text" if DEBUG else "json", ("json", "text"))
+# Messages, answers and the provider's own error text (which can quote the prompt) are
+# personal data: kept out of the logs unless asked for, e.g. to debug one deployment.
+LOG_CONTENT = envbool("LOG_CONTENT", False)
+# dictConfig, then Python's warnings and uncaught exceptions as log lines in that format.
+LOGGING_CONFIG = "grizz.logs.logging_configure"
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
+    "filters": {
+        # The job's, reply's, conversation's and user's ids on every line (grizz/logs.py).
+        "context": {"()": "grizz.logs.ContextFilter", "content": LOG_CONTENT},
+    },
     "formatters": {
         # processName is the worker's consumer name in run_llm_worker: every line of a
         # job's log names the worker that ran it.
-        "plain": {"format": "%(asctime)s %(levelname)s %(processName)s %(name)s %(message)s"},
+        "text": {"format": "%(asctime)s %(levelname)s %(processName)s %(name)s %(message)s"},
+        # python-json-logger: these fields, then every field of the context and the call's
+        # `extra`. orjson's, which the worker already uses to read the provider's stream.
+        "json": {
+            "()": "pythonjsonlogger.orjson.OrjsonFormatter",
+            "fmt": "%(levelname)s %(processName)s %(name)s %(message)s",
+            "rename_fields": {"levelname": "level", "processName": "process", "name": "logger"},
+            "timestamp": "time",
+        },
     },
     "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": "plain"},
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["context"],
+        },
     },
     "root": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")},
     "loggers": {

@@ -23,6 +23,7 @@ from chat import services as chat_services
 from chat.services import ReplyStart
 from grizz import metrics
 from grizz.database import database_call
+from grizz.logs import log_context_bind, milliseconds
 from llmworker.admission import user_release
 from llmworker.breaker import CircuitBreaker, Permit, breaker_for
 from llmworker.faults import fault_point
@@ -145,9 +146,11 @@ class ReplyGeneration:
     parts: list[str] = field(default_factory=list)
     usage: dict[str, int] | None = None
     sent_any_delta: bool = False
+    # time.monotonic() at the attempt's start and at its first token, for the logs.
+    started_at: float = 0.0
+    first_token_at: float | None = None
     # The sockets were told the provider is unavailable, and nothing has come since.
     told_unavailable: bool = False
-    first_token_at: float = 0.0  # monotonic
 
     def __post_init__(self) -> None:
         # Shared by every job of the process that calls the same provider.
@@ -166,16 +169,23 @@ class ReplyGeneration:
         )
         if start is None:
             return Result(Outcome.ACK, reason="reply already finished")
+        log_context_bind(attempt=start.attempt)  # the job's task: worker.py's _run_job
         if start.exhausted:
             return await self._give_up(start)
+        self.started_at = time.monotonic()
+        queued_ms = _since_entry_ms(self.entry_id)
         logger.info(
-            "job %s: attempt %d for conversation %s",
-            self.job.job_id, start.attempt, self.job.conversation_id,
+            "job %s: attempt %d for conversation %s, enqueued %d ms ago",
+            self.job.job_id, start.attempt, self.job.conversation_id, queued_ms,
+            extra={"queued_ms": queued_ms, "priority": self.job.priority},
         )  # fmt: skip
         try:
             return await self._attempt(start)
         except StaleAttempt:
-            logger.warning("job %s: attempt %d was superseded", self.job.job_id, start.attempt)
+            logger.warning(
+                "job %s: attempt %d was superseded", self.job.job_id, start.attempt,
+                extra=self._outcome_fields("superseded"),
+            )  # fmt: skip
             return Result(Outcome.ABANDON)
 
     async def _attempt(self, start: ReplyStart) -> Result:
@@ -187,7 +197,7 @@ class ReplyGeneration:
         except CancelledByUser:
             return await self._finish_cancelled(start)
         except ProviderError as error:
-            return await self._fail(start, error.message)
+            return await self._fail(start, error.message, summary=error.summary)
         except ResultTimeout as timeout:
             return await self._fail(start, timeout.message, code="timeout")
         content = "".join(self.parts)
@@ -203,12 +213,17 @@ class ReplyGeneration:
         await self.publisher.done(
             reply_id=self.job.reply_id, status="complete", content=content, usage=self.usage
         )
-        logger.info("job %s: complete, %d characters", self.job.job_id, len(content))
+        fields = self._outcome_fields("complete", content)
+        logger.info(
+            "job %s: complete in %d ms, %d tokens, the first token after %s ms",
+            self.job.job_id, fields["duration_ms"], fields["tokens"], fields["ttft_ms"] or "-",
+            extra=fields,
+        )  # fmt: skip
         return Result(Outcome.ACK)
 
     def _complete_count(self) -> None:
         self.metrics.reply("complete")
-        if self.sent_any_delta:
+        if self.first_token_at is not None:
             self.metrics.first_token_to_done.observe(time.monotonic() - self.first_token_at)
         usage = self.usage or {}
         for kind in ("prompt", "completion"):
@@ -242,11 +257,9 @@ class ReplyGeneration:
                 self.metrics.reply("retried")
                 logger.warning(
                     "job %s: %s; retry %d in %.1fs",
-                    self.job.job_id,
-                    error.message,
-                    retry + 1,
-                    delay,
-                )
+                    self.job.job_id, error.summary, retry + 1, delay,
+                    extra={"retry": retry + 1, "provider_error": error.message},
+                )  # fmt: skip
                 await watchdog.within(asyncio.sleep(delay))
 
     async def _call_provider(self, start: ReplyStart, watchdog: Watchdog) -> None:
@@ -350,17 +363,46 @@ class ReplyGeneration:
         await self.publisher.done(
             reply_id=self.job.reply_id, status="cancelled", content=content, usage=self.usage
         )
-        logger.info("job %s: cancelled after %d characters", self.job.job_id, len(content))
+        fields = self._outcome_fields("cancelled", content)
+        logger.info(
+            "job %s: cancelled after %d ms, %d tokens",
+            self.job.job_id, fields["duration_ms"], fields["tokens"], extra=fields,
+        )  # fmt: skip
         return Result(Outcome.ACK)
 
-    async def _fail(self, start: ReplyStart, message: str, *, code: str = "llm_error") -> Result:
-        logger.warning("job %s: failed: %s", self.job.job_id, message)
+    async def _fail(
+        self, start: ReplyStart, message: str, *, code: str = "llm_error", summary: str = ""
+    ) -> Result:
+        """`summary`: what the logs say when `message` quotes the provider (ProviderError)."""
+        fields = {**self._outcome_fields("failed"), "code": code}
+        if summary:
+            fields["provider_error"] = message
+        logger.warning(
+            "job %s: failed after %d ms: %s",
+            self.job.job_id, fields["duration_ms"], summary or message, extra=fields,
+        )  # fmt: skip
         if not await reply_fail(reply_id=self.job.reply_id, attempt=start.attempt, error=message):
             raise StaleAttempt()
         self.metrics.reply("failed")
         await self._slot_release()
         await self.publisher.error(code=code, message=message)
         return Result(Outcome.DEAD_LETTER, reason=message, attempts=start.attempt)
+
+    def _outcome_fields(self, outcome: str, content: str = "") -> dict[str, object]:
+        """The figures of the attempt's last log line. `content` is logged only with
+        LOG_CONTENT (grizz/logs.py)."""
+        first = self.first_token_at
+        fields: dict[str, object] = {
+            "outcome": outcome,
+            "duration_ms": milliseconds(time.monotonic() - self.started_at),
+            "ttft_ms": None if first is None else milliseconds(first - self.started_at),
+            "tokens": len(self.parts),
+        }
+        if self.usage is not None:
+            fields["usage"] = self.usage
+        if content:
+            fields["content"] = content
+        return fields
 
     async def _slot_release(self) -> None:
         # Before the final frame: a user who sees the reply end may send the next message
@@ -369,7 +411,10 @@ class ReplyGeneration:
 
     async def _give_up(self, start: ReplyStart) -> Result:
         reason = f"delivered {start.attempt} times, more than LLM_MAX_ATTEMPTS"
-        logger.error("job %s: %s; moving it to the dead letters", self.job.job_id, reason)
+        logger.error(
+            "job %s: %s; moving it to the dead letters", self.job.job_id, reason,
+            extra={"outcome": "failed", "reason": reason},
+        )  # fmt: skip
         # reply_start has already failed the reply, under the row lock.
         self.metrics.reply("failed")
         await self._slot_release()
@@ -377,3 +422,9 @@ class ReplyGeneration:
             code="llm_error", message="The reply could not be generated; please try again."
         )
         return Result(Outcome.DEAD_LETTER, reason=reason, attempts=start.attempt)
+
+
+def _since_entry_ms(entry_id: str) -> int:
+    """Milliseconds since the job's stream entry was added: its id is Redis's clock then."""
+    added_ms = int(entry_id.partition("-")[0] or 0)
+    return max(0, int(time.time() * 1000) - added_ms)

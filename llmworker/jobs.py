@@ -18,6 +18,15 @@ class Job:
     def to_fields(self) -> dict[str, str]:
         return asdict(self)
 
+    def log_fields(self) -> dict[str, str]:
+        """The ids that the log lines about this job carry (grizz/logs.py)."""
+        return {
+            "job_id": self.job_id,
+            "reply_id": self.reply_id,
+            "conversation_id": self.conversation_id,
+            "user_id": self.user_id,
+        }
+
     @classmethod
     def from_fields(cls, data: dict[str, str]) -> "Job":
         required = [f.name for f in fields(cls) if f.default is MISSING]

@@ -154,7 +154,10 @@ class MaintenanceRunner:
                 priority=reply.priority,
             )
             await job_enqueue(job=job)
-            logger.warning("job %s: found without a queue entry; enqueued again", job.job_id)
+            logger.warning(
+                "job %s: found without a queue entry; enqueued again", job.job_id,
+                extra=job.log_fields(),
+            )  # fmt: skip
         if orphans:
             logger.info("maintenance: enqueued %d replies again", len(orphans))
 

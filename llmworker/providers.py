@@ -25,19 +25,24 @@ class Chunk:
 
 
 class ProviderError(Exception):
-    """The provider could not produce a reply; `message` is safe to show to the user."""
+    """The provider could not produce a reply; `message` is safe to show to the user (it is
+    their own request). `summary` is what went wrong without the provider's own words,
+    `provider_text`, which can quote the prompt back: the part for the logs."""
 
     def __init__(
         self,
-        message: str,
+        summary: str,
         *,
         retryable: bool,
         retry_after: float | None = None,
+        provider_text: str = "",
         kind: str = "connection",
         status: int | None = None,
     ) -> None:
+        message = f"{summary}: {provider_text}" if provider_text else summary
         super().__init__(message)
         self.message = message
+        self.summary = summary
         self.retryable = retryable
         self.retry_after = retry_after  # seconds the provider asked us to wait, if it did
         # For the metrics: "status" (an HTTP error, with its status), "connection" (not
@@ -133,8 +138,8 @@ class OpenAIProvider:
                 await _rest_read(lines)
         except openai.APIStatusError as error:
             raise ProviderError(
-                f"The model provider refused the request ({error.status_code}): "
-                f"{_error_text(error)}",
+                f"The model provider refused the request ({error.status_code})",
+                provider_text=_error_text(error),
                 retryable=error.status_code in (408, 409, 429) or error.status_code >= 500,
                 retry_after=_retry_after(error.response.headers),
                 kind="status",
@@ -176,7 +181,8 @@ def _chunk_from_data(data: str) -> Chunk:
         event = orjson.loads(data)
     except orjson.JSONDecodeError as error:
         raise ProviderError(
-            f"The model provider sent a malformed event: {data[:200]!r}",
+            "The model provider sent a malformed event",
+            provider_text=repr(data[:200]),
             retryable=True,
             kind="malformed",
         ) from error
@@ -184,7 +190,10 @@ def _chunk_from_data(data: str) -> Chunk:
         return Chunk()
     if event.get("error"):
         raise ProviderError(
-            f"The model provider failed: {_event_error_text(event)}", retryable=True, kind="event"
+            "The model provider failed",
+            provider_text=_event_error_text(event),
+            retryable=True,
+            kind="event",
         )
     return _chunk_from_event(event)
 

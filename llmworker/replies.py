@@ -534,7 +534,10 @@ class ReplyHub:
         try:
             self._dispatch(reply)
         except Exception:
-            logger.exception("reply hub could not dispatch %r", reply)
+            # Its kind and channel: the rest is a frame, tokens or a user's message.
+            logger.exception(
+                "reply hub could not dispatch %r", reply[:2], extra={"content": repr(reply)}
+            )
 
     def _dispatch(self, reply: list[Any]) -> None:
         # ["message", channel, data], ["subscribe", channel, count], ["pong", ...], ...

@@ -19,6 +19,7 @@ from redis.exceptions import ResponseError
 from chat import services as chat_services
 from grizz import metrics
 from grizz.database import database_call
+from grizz.logs import log_context_bind
 from llmworker.faults import fault_point
 from llmworker.generation import Outcome, ReplyGeneration, Result
 from llmworker.jobs import Job
@@ -94,6 +95,7 @@ class Worker:
     # The loop
 
     async def run(self) -> None:
+        log_context_bind(consumer=self.name)  # on every line of the process, from here on
         logger.info(
             "worker %s: started, concurrency %d, provider %s",
             self.name, self.concurrency, self.provider.name,
@@ -235,6 +237,8 @@ class Worker:
         if delivery.job is None:
             await self._dead_letter(delivery, reason="malformed job entry", attempts=0)
             return
+        # The job's own task: its ids stay on its lines and go with it.
+        log_context_bind(**delivery.job.log_fields())
         generation = ReplyGeneration(
             job=delivery.job,
             entry_id=delivery.entry_id,
@@ -284,7 +288,10 @@ class Worker:
         for key in report.lost:
             job = self.running.get(key)
             if job is not None:
-                logger.warning("worker %s: lost the lease of %s; abandoning it", self.name, key)
+                logger.warning(
+                    "worker %s: lost the lease of %s; abandoning it", self.name, key,
+                    extra=job.delivery.job.log_fields() if job.delivery.job else None,
+                )  # fmt: skip
                 job.task.cancel()
         for key in report.cancelled:
             self._cancel(self.running.get(key))
@@ -304,11 +311,16 @@ class Worker:
     async def _fail_deleted_entries(self, entry_ids: list[str]) -> None:
         message = "The reply's job was lost by the queue; please send your message again."
         for reply in await replies_fail_for_entries(entry_ids=entry_ids, error=message):
-            logger.error("job %s: its queue entry was deleted while pending", reply.job_id)
+            ids = {
+                "job_id": str(reply.job_id),
+                "reply_id": str(reply.id),
+                "conversation_id": str(reply.conversation_id),
+            }
+            logger.error(
+                "job %s: its queue entry was deleted while pending", ids["job_id"], extra=ids
+            )
             publisher = ReplyPublisher(
-                job_id=str(reply.job_id),
-                conversation_id=str(reply.conversation_id),
-                client=redis_get(),
+                job_id=ids["job_id"], conversation_id=ids["conversation_id"], client=redis_get()
             )
             await publisher.error(code="llm_error", message=message)
 

@@ -28,6 +28,7 @@ def main() -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.setdefault("DJANGO_SECRET_KEY", _persistent_secret("secret_key"))
     env.setdefault("DJANGO_DEBUG", "0")
+    env.setdefault("LOG_FORMAT", "text")  # a person reads these lines, not a log collector
     env.setdefault("PORT", "8000")
     env.setdefault("BIND", "127.0.0.1")
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"

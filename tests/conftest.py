@@ -191,12 +191,15 @@ def worker(service_env: dict[str, str]) -> Iterator[ServiceProcess]:
 
 @pytest.fixture
 def start_worker(service_env: dict[str, str]) -> Iterator[Callable[..., ServiceProcess]]:
-    """Start more workers within one test; each is stopped at its end."""
+    """Start more workers within one test (`env`: settings of the test's own); each is
+    stopped at its end."""
     started: list[ServiceProcess] = []
 
-    def start(name: str | None, **options: Any) -> ServiceProcess:
+    def start(
+        name: str | None, *, env: dict[str, str] | None = None, **options: Any
+    ) -> ServiceProcess:
         named = None if name is None else f"{name}-{RUN_ID}"  # None: <host>-<n>
-        process = worker_start(env=service_env, name=named, **options)
+        process = worker_start(env={**service_env, **(env or {})}, name=named, **options)
         started.append(process)
         return process
 

@@ -1,6 +1,7 @@
 """The settings file: production settings pass Django's deployment checks, and bad values
 stop the process at start-up instead of running with a silent default."""
 
+import json
 import secrets
 import subprocess
 import sys
@@ -102,3 +103,35 @@ def test_it_rejects_a_weak_metrics_token_and_a_port_out_of_range(name, value, sa
     result = _manage("check", **{**PRODUCTION, name: value})
     assert result.returncode != 0
     assert said in result.stderr
+
+
+def test_it_rejects_an_unknown_log_format():
+    result = _manage("check", **{**PRODUCTION, "LOG_FORMAT": "xml"})
+    assert result.returncode != 0
+    assert "LOG_FORMAT must be one of json, text, got 'xml'" in result.stderr
+
+
+LOG_A_LINE = "import logging; logging.getLogger('grizz').warning('a line for the operator')"
+
+
+def test_it_logs_json_in_production_and_plain_text_in_debug():
+    production = _manage("shell", "-c", LOG_A_LINE, **PRODUCTION)
+    debug = _manage("shell", "-c", LOG_A_LINE, **{**PRODUCTION, "DJANGO_DEBUG": "1"})
+
+    (line,) = production.stderr.splitlines()
+    assert (
+        json.loads(line).items()
+        >= {"level": "WARNING", "message": "a line for the operator"}.items()
+    )
+    assert debug.stderr.rstrip().endswith("WARNING MainProcess grizz a line for the operator")
+
+
+def test_it_logs_a_crash_as_one_json_line():
+    result = _manage("shell", "-c", "raise RuntimeError('out of cheese')", **PRODUCTION)
+
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    crash = json.loads(line)
+    assert crash["level"] == "CRITICAL"
+    assert crash["exc_info"].startswith("Traceback (most recent call last):")
+    assert crash["exc_info"].endswith("RuntimeError: out of cheese")

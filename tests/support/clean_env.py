@@ -16,7 +16,7 @@ GRIZZ_PREFIXES: tuple[str, ...] = (
     "GRIZZ_",
     "JWT_",
     "LLM_",
-    "LOG_LEVEL",
+    "LOG_",
     "METRICS_",
 )
 GRIZZ_PREFIXES += ("OPENAI_", "REDIS_", "WS_")

@@ -1,6 +1,11 @@
 """Real Grizz processes for the tests: `run_llm_worker` and daphne, started as subprocesses
-with their output collected so that a test can wait for a line instead of sleeping."""
+with their output collected so that a test can wait for a line instead of sleeping.
 
+They log as in production, one JSON object per line (LOG_FORMAT's default with
+DJANGO_DEBUG=0): a test waits for a line by its message, whatever the format."""
+
+import contextlib
+import json
 import re
 import signal
 import socket
@@ -35,6 +40,7 @@ class ServiceProcess:
             bufsize=1,
         )
         self.lines: list[str] = []
+        self.messages: list[str] = []  # of each line: a JSON line's message, or the line
         self.changed = threading.Condition()
         self.reader = threading.Thread(target=self._collect, daemon=True)
         self.reader.start()
@@ -44,6 +50,7 @@ class ServiceProcess:
         for line in self.process.stdout:
             with self.changed:
                 self.lines.append(line)
+                self.messages.append(_message_of(line))
                 self.changed.notify_all()
         with self.changed:
             self.changed.notify_all()
@@ -54,11 +61,11 @@ class ServiceProcess:
             return "".join(self.lines)
 
     def wait_for_line(self, pattern: str, timeout: float = 20.0, *, count: int = 1) -> str:
-        """The `count`-th line that matches, once printed."""
+        """The message of the `count`-th line whose message matches, once printed."""
         regex = re.compile(pattern)
 
         def matches() -> list[str]:
-            return [line for line in self.lines if regex.search(line)]
+            return [message for message in self.messages if regex.search(message)]
 
         with self.changed:
             found = self.changed.wait_for(
@@ -96,6 +103,16 @@ class ServiceProcess:
                 self.process.kill()
                 self.process.wait(timeout=10)
         self.reader.join(timeout=5)
+
+
+def _message_of(line: str) -> str:
+    if line.startswith("{"):
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            message = record.get("message") if isinstance(record, dict) else None
+            if isinstance(message, str):
+                return message
+    return line
 
 
 def _worker_args(*, name: str | None, concurrency: int, grace: float) -> list[str]:
