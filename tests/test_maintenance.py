@@ -148,7 +148,9 @@ async def test_it_removes_dead_consumers_with_nothing_pending_and_keeps_the_othe
         await asyncio.sleep(0.2)
 
     assert time.monotonic() - live_started > 10, "the live worker was idle past the bound"
-    removed = re.findall(r"consumers idle over 10.0s with nothing pending: (.*)", live.output)
+    removed = re.findall(
+        r"consumers idle over 10.0s with nothing pending: (.*)", "\n".join(live.messages)
+    )
     assert sorted(", ".join(removed).split(", ")) == sorted(
         [f"{gone_name} (high)", f"{gone_name} (normal)", f"{holding_name} (high)"]
     )
