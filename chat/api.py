@@ -58,6 +58,33 @@ class ConversationListCreate(generics.ListCreateAPIView[Conversation]):
         )
 
 
+class ConversationDetail(generics.RetrieveUpdateDestroyAPIView[Conversation]):
+    """One conversation of the caller's: read, rename (or change its model or system
+    prompt), delete. Another user's is a 404, like one that does not exist."""
+
+    serializer_class = ConversationSerializer
+    lookup_url_kwarg = "conversation_id"
+    request: AuthenticatedRequest
+
+    def get_queryset(self) -> QuerySet[Conversation]:
+        return Conversation.objects.filter(owner=self.request.user)
+
+    def perform_update(self, serializer: serializers.BaseSerializer[Conversation]) -> None:
+        # A rename is not activity: updated_at (the list's order, newest first) stays as the
+        # last message left it, which save() and its auto_now would not.
+        conversation = serializer.instance
+        assert conversation is not None
+        Conversation.objects.filter(pk=conversation.pk).update(**serializer.validated_data)
+        conversation.refresh_from_db()
+
+    def destroy(self, request: Request, *args: object, **kwargs: object) -> Response:
+        try:
+            services.conversation_delete(conversation=self.get_object())
+        except (RedisError, OSError):
+            return _redis_unavailable()
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
 class MessageList(generics.ListAPIView[Message]):
     serializer_class = MessageSerializer
     request: AuthenticatedRequest
@@ -88,14 +115,18 @@ class ReplyCancel(APIView):
         try:
             async_to_sync(services.reply_cancel)(reply=reply)
         except (RedisError, OSError):
-            return Response(
-                {"detail": "Server busy, please retry your request."},
-                status=status.HTTP_503_SERVICE_UNAVAILABLE,
-                headers={"Retry-After": "5"},
-            )
+            return _redis_unavailable()
         # "cancelled" for a queued reply; "streaming" while its worker stops a running one.
         reply.refresh_from_db(fields=["status"])
         return Response(
             {"job_id": str(reply.job_id), "status": reply.status},
             status=status.HTTP_202_ACCEPTED,
         )
+
+
+def _redis_unavailable() -> Response:
+    return Response(
+        {"detail": "Server busy, please retry your request."},
+        status=status.HTTP_503_SERVICE_UNAVAILABLE,
+        headers={"Retry-After": "5"},
+    )

@@ -8,6 +8,11 @@ urlpatterns = [
     path("auth/token/refresh/", TokenRefreshView.as_view(), name="token-refresh"),
     path("conversations/", api.ConversationListCreate.as_view(), name="api-conversations"),
     path(
+        "conversations/<uuid:conversation_id>/",
+        api.ConversationDetail.as_view(),
+        name="api-conversation",
+    ),
+    path(
         "conversations/<uuid:conversation_id>/messages/",
         api.MessageList.as_view(),
         name="api-messages",
