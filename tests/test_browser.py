@@ -193,6 +193,8 @@ def test_it_names_the_conversation_after_its_first_message(open_tab, alice, fake
     expect(page.locator(".conversation-item.is-current .conversation-title")).to_have_text(title)
     expect(page.locator("#chat-title")).to_have_text(title)
     expect(page).to_have_title(f"{title} · Grizz")
+    # The sidebar changes as the message leaves; the server has it once it is answered.
+    expect(page.locator(ANSWER).last).to_have_attribute("data-status", "complete")
     page.reload()
     expect(page.locator(".conversation-item.is-current .conversation-title")).to_have_text(title)
 
