@@ -190,6 +190,48 @@ class ConversationListCreate(generics.ListCreateAPIView[Conversation]):
         )
 
 
+@extend_schema_view(
+    get=extend_schema(
+        summary="One of the caller's conversations",
+        responses={200: ConversationSerializer, **error_responses(401, 404)},
+    ),
+    patch=extend_schema(
+        summary="Rename a conversation, or change its model or system prompt",
+        responses={200: ConversationSerializer, **error_responses(400, 401, 404)},
+    ),
+    delete=extend_schema(
+        summary="Delete a conversation and its messages (its reply in flight is cancelled)",
+        responses={204: None, **error_responses(401, 404, 503)},
+    ),
+)
+class ConversationDetail(generics.RetrieveUpdateDestroyAPIView[Conversation]):
+    """One conversation of the caller's: read, rename (or change its model or system
+    prompt), delete. Another user's is a 404, like one that does not exist."""
+
+    serializer_class = ConversationSerializer
+    lookup_url_kwarg = "conversation_id"
+    # PATCH only: a PUT would have to send every field to change one.
+    http_method_names = ["get", "patch", "delete", "head", "options"]
+    request: AuthenticatedRequest
+
+    def get_queryset(self) -> QuerySet[Conversation]:
+        return Conversation.objects.filter(owner=self.request.user)
+
+    def perform_update(self, serializer: serializers.BaseSerializer[Conversation]) -> None:
+        # A rename is not activity: updated_at (the list's order, newest first) stays as the
+        # last message left it, which save() and its auto_now would not.
+        conversation = serializer.instance
+        assert conversation is not None
+        Conversation.objects.filter(pk=conversation.pk).update(**serializer.validated_data)
+        conversation.refresh_from_db()
+
+    def perform_destroy(self, instance: Conversation) -> None:
+        try:
+            services.conversation_delete(conversation=instance)
+        except (RedisError, OSError):
+            raise unavailable() from None
+
+
 # --- Messages ---------------------------------------------------------------------------
 
 

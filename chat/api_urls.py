@@ -9,6 +9,11 @@ urlpatterns = [
     path("auth/token/verify/", api.TokenVerify.as_view(), name="token-verify"),
     path("conversations/", api.ConversationListCreate.as_view(), name="api-conversations"),
     path(
+        "conversations/<uuid:conversation_id>/",
+        api.ConversationDetail.as_view(),
+        name="api-conversation",
+    ),
+    path(
         "conversations/<uuid:conversation_id>/messages/",
         api.MessageListCreate.as_view(),
         name="api-messages",

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypedDict
 
-from asgiref.sync import sync_to_async
+from asgiref.sync import async_to_sync, sync_to_async
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import IntegrityError, connection, transaction
@@ -569,3 +569,14 @@ async def reply_cancel(*, reply: Message) -> None:
         await user_release(user_id=reply.conversation.owner_id, job_id=str(reply.job_id))
         return
     await reply_cancel_request(job_id=str(reply.job_id))
+
+
+def conversation_delete(*, conversation: Conversation) -> None:
+    """Delete a conversation and its messages. Its reply in flight is cancelled first: a
+    worker would go on generating it, and holding the owner's in-flight slot, for nobody."""
+    reply = conversation.messages.filter(
+        role=Message.Role.ASSISTANT, status__in=Message.ACTIVE_STATUSES
+    ).first()
+    if reply is not None:
+        async_to_sync(reply_cancel)(reply=reply)
+    conversation.delete()

@@ -1,7 +1,8 @@
-"""Browser pages: the conversation list and the chat page.
+"""Browser pages: the home page and the chat page, each with the sidebar of conversations.
 
 The views stay thin: creating a conversation is a service call, and the chat itself runs over
 the WebSocket (see static/chat/chat.js), so the chat page only renders the transcript so far.
+Renaming and deleting go through the REST API (static/chat/sidebar.js).
 """
 
 import uuid
@@ -16,6 +17,7 @@ from django.views.decorators.http import require_http_methods, require_safe
 
 from chat.models import Conversation
 from chat.services import conversation_create
+from chat.sidebar import UNTITLED, SidebarConversation, sidebar_conversations
 from llmworker.providers import demo_mode_active
 
 
@@ -55,11 +57,14 @@ def conversation_list(request: AuthenticatedHttpRequest) -> HttpResponse:
             return redirect("conversation-detail", conversation_id=conversation.id)
     else:
         form = ConversationCreateForm()
-    conversations = Conversation.objects.filter(owner=request.user).order_by("-updated_at")
     return render(
         request,
         "chat/conversation_list.html",
-        {"conversations": conversations, "form": form, "demo_model": demo_mode_active()},
+        {
+            "conversations": sidebar_conversations(owner=request.user),
+            "form": form,
+            "demo_model": demo_mode_active(),
+        },
     )
 
 
@@ -71,11 +76,18 @@ def conversation_detail(
     # Filtering on the owner makes another user's conversation a 404, not a 403: whether an
     # id exists is none of their business.
     conversation = get_object_or_404(Conversation, id=conversation_id, owner=request.user)
+    conversations = sidebar_conversations(owner=request.user)
+    current = next(
+        (c for c in conversations if c.id == str(conversation.id)),
+        SidebarConversation(id=str(conversation.id), title=UNTITLED, titled=False),
+    )
     return render(
         request,
         "chat/conversation_detail.html",
         {
             "conversation": conversation,
+            "conversations": conversations,
+            "current": current,
             "transcript": conversation.messages.all(),
             "ws_path": f"/ws/chat/{conversation.id}/",
             "demo_model": demo_mode_active(),

@@ -6,6 +6,7 @@
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -245,11 +246,27 @@ def _error_text(error: openai.APIStatusError) -> str:
     return error.message
 
 
-DEMO_REPLY = (
-    "[Demo model] This is a canned reply from Grizz's built-in demo model, streamed token "
-    "by token so you can see the pipeline work. Set OPENAI_API_KEY (and OPENAI_BASE_URL for "
-    "any OpenAI-compatible server) to talk to a real model."
-)
+# Markdown, so that a first-time user sees what the page renders: a table and a code block.
+DEMO_REPLY = """[Demo model] This is a canned reply from Grizz's built-in demo model, streamed \
+token by token so you can see the pipeline work. Set `OPENAI_API_KEY` (and \
+`OPENAI_BASE_URL` for any OpenAI-compatible server) to talk to a real model.
+
+Answers are rendered as **Markdown** while they stream:
+
+| Setting | What it does |
+| --- | --- |
+| `OPENAI_API_KEY` | the key of your provider |
+| `OPENAI_BASE_URL` | vLLM, Ollama, llama.cpp... |
+| `LLM_MODEL` | the model to ask |
+
+```python
+import os
+
+os.environ["OPENAI_API_KEY"] = "sk-..."  # then restart the worker
+```
+"""
+# Words with the whitespace before them: joined, the tokens give the reply back exactly.
+_DEMO_TOKENS = re.findall(r"\s*\S+|\s+", DEMO_REPLY)
 
 
 class DemoProvider:
@@ -265,10 +282,10 @@ class DemoProvider:
     async def stream(
         self, *, messages: list[dict[str, str]], model: str
     ) -> AsyncGenerator[Chunk, None]:
-        words = DEMO_REPLY.split(" ")
-        for index, word in enumerate(words):
+        words = _DEMO_TOKENS
+        for word in words:
             await asyncio.sleep(self.interval)
-            yield Chunk(text=word if index == 0 else " " + word)
+            yield Chunk(text=word)
         yield Chunk(
             usage={
                 "prompt_tokens": sum(len(m["content"].split()) for m in messages),

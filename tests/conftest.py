@@ -164,6 +164,11 @@ def _process_basics() -> dict[str, str]:
 def service_env(fake_llm: FakeOpenAI, transactional_db: None) -> dict[str, str]:
     """The environment of a Grizz process that shares this test's database and Redis: the
     test's settings only, whatever the developer's shell exports."""
+    return service_env_for(fake_llm)
+
+
+def service_env_for(fake_llm: FakeOpenAI) -> dict[str, str]:
+    """service_env, for processes that outlive one test (tests/test_browser.py's)."""
     return {
         **_process_basics(),
         "DATABASE_URL": _database_url(),

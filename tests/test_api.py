@@ -63,6 +63,16 @@ def token_pair(username: str, password: str) -> dict[str, str]:
     return pair
 
 
+def session_client_with_csrf(user) -> tuple[Client, str]:
+    """A browser-like client signed in with the session, and the CSRF token its page has."""
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(user)
+    request = RequestFactory().get("/")
+    token = get_token(request)
+    client.cookies[settings.CSRF_COOKIE_NAME] = request.META["CSRF_COOKIE"]
+    return client, token
+
+
 def client_as(user) -> APIClient:
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {AccessToken.for_user(user)}")
@@ -180,11 +190,7 @@ def test_it_refuses_a_session_post_without_the_csrf_token(alice):
 
 
 def test_it_accepts_a_session_post_with_the_csrf_token(alice):
-    client = Client(enforce_csrf_checks=True)
-    client.force_login(alice)
-    request = RequestFactory().get("/")
-    token = get_token(request)
-    client.cookies[settings.CSRF_COOKIE_NAME] = request.META["CSRF_COOKIE"]
+    client, token = session_client_with_csrf(alice)
     response = client.post(
         CONVERSATIONS_URL,
         {"title": "Genuine"},
@@ -312,6 +318,166 @@ def test_it_ignores_a_client_supplied_id_and_owner(alice, bob):
     assert response.status_code == 201
     assert response.json()["id"] != str(chosen)
     assert Conversation.objects.get(id=response.json()["id"]).owner == alice
+
+
+# --- One conversation: read, rename, delete -------------------------------------------
+
+
+def conversation_url(conversation_id: object) -> str:
+    return f"/api/conversations/{conversation_id}/"
+
+
+def test_it_shows_one_of_the_callers_conversations(alice):
+    conversation = conversation_create(owner=alice, title="Bears", system_prompt="Be brief.")
+    response = client_as(alice).get(conversation_url(conversation.id))
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["id"], body["title"], body["system_prompt"]) == (
+        str(conversation.id),
+        "Bears",
+        "Be brief.",
+    )
+
+
+def test_it_renames_a_conversation_without_moving_it_in_the_list(alice):
+    renamed = conversation_create(owner=alice, title="Old name")
+    conversation_create(owner=alice, title="Newer")
+    before = Conversation.objects.get(id=renamed.id).updated_at
+
+    response = client_as(alice).patch(
+        conversation_url(renamed.id), {"title": "  New name  "}, format="json"
+    )
+
+    assert response.status_code == 200
+    assert response.json()["title"] == "New name"
+    assert Conversation.objects.get(id=renamed.id).title == "New name"
+    assert Conversation.objects.get(id=renamed.id).updated_at == before
+    listed = client_as(alice).get(CONVERSATIONS_URL).json()["results"]
+    assert [c["title"] for c in listed] == ["Newer", "New name"]
+
+
+def test_it_changes_the_system_prompt_and_model_of_a_conversation(alice):
+    conversation = conversation_create(owner=alice)
+    response = client_as(alice).patch(
+        conversation_url(conversation.id),
+        {"system_prompt": "You are a bear.", "model": "gpt-4o-mini"},
+        format="json",
+    )
+    assert response.status_code == 200
+    conversation.refresh_from_db()
+    assert (conversation.system_prompt, conversation.model) == ("You are a bear.", "gpt-4o-mini")
+
+
+def test_it_refuses_a_new_title_over_200_characters(alice):
+    conversation = conversation_create(owner=alice, title="Kept")
+    response = client_as(alice).patch(
+        conversation_url(conversation.id), {"title": "t" * 201}, format="json"
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "too_long"
+    assert "title" in response.json()["error"]["fields"]
+    assert Conversation.objects.get(id=conversation.id).title == "Kept"
+
+
+def test_it_ignores_a_new_id_or_owner_in_an_update(alice, bob):
+    conversation = conversation_create(owner=alice, title="Mine")
+    response = client_as(alice).patch(
+        conversation_url(conversation.id),
+        {"id": str(uuid.uuid4()), "owner": bob.id, "title": "Still mine"},
+        format="json",
+    )
+    assert response.status_code == 200
+    assert Conversation.objects.get(id=conversation.id).owner == alice
+
+
+@pytest.mark.parametrize("method", ["get", "patch", "delete"])
+def test_it_returns_404_for_another_users_conversation(alice, bob, method):
+    conversation = conversation_create(owner=alice, title="Alice's diary")
+    answered(conversation, "dear diary", "noted")
+    response = getattr(client_as(bob), method)(
+        conversation_url(conversation.id), {"title": "Bob was here"}, format="json"
+    )
+    assert response.status_code == 404
+    assert b"diary" not in response.content
+    assert Conversation.objects.get(id=conversation.id).title == "Alice's diary"
+    assert Message.objects.filter(conversation=conversation).count() == 2
+
+
+def test_it_returns_404_for_an_unknown_conversation(alice):
+    assert client_as(alice).get(conversation_url(uuid.uuid4())).status_code == 404
+
+
+@pytest.mark.parametrize("method", ["get", "patch", "delete"])
+def test_it_returns_401_for_a_conversation_without_credentials(alice, method):
+    conversation = conversation_create(owner=alice, title="Private")
+    response = getattr(APIClient(), method)(conversation_url(conversation.id))
+    assert response.status_code == 401
+    assert Conversation.objects.filter(id=conversation.id, title="Private").exists()
+
+
+def test_it_refuses_a_session_rename_without_the_csrf_token(alice):
+    conversation = conversation_create(owner=alice, title="Kept")
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(alice)
+    response = client.patch(
+        conversation_url(conversation.id), {"title": "Forged"}, content_type="application/json"
+    )
+    assert response.status_code == 403
+    assert Conversation.objects.get(id=conversation.id).title == "Kept"
+
+
+def test_it_renames_and_deletes_with_the_session_and_its_csrf_token(alice):
+    conversation = conversation_create(owner=alice, title="Old")
+    client, token = session_client_with_csrf(alice)
+
+    renamed = client.patch(
+        conversation_url(conversation.id),
+        {"title": "New"},
+        content_type="application/json",
+        HTTP_X_CSRFTOKEN=token,
+    )
+    deleted = client.delete(conversation_url(conversation.id), HTTP_X_CSRFTOKEN=token)
+
+    assert renamed.status_code == 200
+    assert renamed.json()["title"] == "New"
+    assert deleted.status_code == 204
+    assert not Conversation.objects.exists()
+
+
+def test_it_deletes_a_conversation_and_its_messages(alice):
+    conversation = conversation_create(owner=alice, title="Gone")
+    kept = conversation_create(owner=alice, title="Kept")
+    answered(conversation, "Question", "Answer")
+    answered(kept, "Other question", "Other answer")
+
+    response = client_as(alice).delete(conversation_url(conversation.id))
+
+    assert response.status_code == 204
+    assert client_as(alice).get(conversation_url(conversation.id)).status_code == 404
+    listed = client_as(alice).get(CONVERSATIONS_URL).json()["results"]
+    assert [c["title"] for c in listed] == ["Kept"]
+    assert not Message.objects.filter(conversation_id=conversation.id).exists()
+    assert Message.objects.filter(conversation=kept).count() == 2
+
+
+async def test_it_cancels_the_reply_in_flight_of_a_deleted_conversation(
+    alice, fake_llm, start_worker
+):
+    socket = await chat_opened(alice)
+    queued = await message_queued(socket, "Tell me a long story")
+
+    response = await sync_to_async(client_as(alice).delete)(
+        conversation_url(socket.conversation_id)
+    )
+    done = await socket.receive()
+    late = await asyncio.to_thread(start_worker, "late")
+    await asyncio.to_thread(late.wait_for_line, f"job {queued['job_id']}: acknowledged", 60)
+
+    assert response.status_code == 204
+    assert (done["type"], done["job_id"], done["status"]) == ("done", queued["job_id"], "cancelled")
+    assert fake_llm.requests == []
+    assert not await Conversation.objects.filter(id=str(socket.conversation_id)).aexists()
+    await socket.close()
 
 
 # --- Messages ---------------------------------------------------------------------------
@@ -956,6 +1122,9 @@ def test_it_serves_a_schema_that_validates_and_names_every_endpoint(tmp_path):
         ("/api/auth/token/verify/", "post"),
         ("/api/conversations/", "get"),
         ("/api/conversations/", "post"),
+        ("/api/conversations/{conversation_id}/", "get"),
+        ("/api/conversations/{conversation_id}/", "patch"),
+        ("/api/conversations/{conversation_id}/", "delete"),
         ("/api/conversations/{conversation_id}/messages/", "get"),
         ("/api/conversations/{conversation_id}/messages/", "post"),
         ("/api/conversations/{conversation_id}/messages/{message_id}/", "get"),

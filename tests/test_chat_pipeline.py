@@ -254,6 +254,9 @@ async def test_the_demo_model_answers_without_an_api_key(alice, service_env, sta
     done = (await socket.receive_until("done"))[-1]
 
     assert done["content"].startswith("[Demo model]")
+    # Markdown that the page renders, so that a first-time user sees it: a table, some code.
+    assert "| --- | --- |" in done["content"]
+    assert "```python\n" in done["content"]
     reply = await Message.objects.aget(id=done["reply_id"])
     assert reply.model == "grizz-demo"
     await socket.close()

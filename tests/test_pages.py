@@ -237,7 +237,7 @@ def test_it_shows_an_empty_transcript_prompt_for_a_new_conversation(alice):
     html = client_for(alice).get(chat_url(conversation.id)).content.decode()
     assert "No messages yet" in html
     assert not EMPTY_HIDDEN.search(html)
-    assert "Untitled conversation" in html
+    assert '<h1 id="chat-title">New chat</h1>' in html
 
 
 def test_it_escapes_the_html_in_messages(alice):
@@ -286,6 +286,72 @@ def test_it_does_not_accept_posts_on_the_chat_page(alice):
     assert not Message.objects.exists()
 
 
+# --- The sidebar and page titles --------------------------------------------------------
+
+
+def test_it_lists_conversations_in_the_sidebar_newest_first_with_the_current_one_marked(alice):
+    older = conversation_create(owner=alice, title="Older")
+    current = conversation_create(owner=alice, title="Current")
+    newest = conversation_create(owner=alice, title="Newest")
+    html = client_for(alice).get(chat_url(current.id)).content.decode()
+    sidebar = html[html.index('id="conversation-list"') :]
+    assert [sidebar.index(f'data-conversation-id="{c.id}"') for c in (newest, current, older)] == (
+        sorted(sidebar.index(f'data-conversation-id="{c.id}"') for c in (newest, current, older))
+    )
+    assert f'href="{chat_url(current.id)}" aria-current="page"' in html
+    assert html.count('aria-current="page"') == 1
+
+
+def test_it_titles_an_untitled_conversation_with_the_first_words_of_its_first_message(alice):
+    conversation = conversation_create(owner=alice)
+    answered(
+        conversation, "  How   do bears <survive> the long winter months without food?", "Fat."
+    )
+    answered(conversation, "Later question", "Later answer.")
+    html = client_for(alice).get(chat_url(conversation.id)).content.decode()
+    title = "How do bears &lt;survive&gt; the long winter months…"
+    assert f"<title>{title} · Grizz</title>" in html
+    assert f'<span class="conversation-title">{title}</span>' in html
+    assert f'<h1 id="chat-title">{title}</h1>' in html
+
+
+def test_it_titles_a_conversation_without_any_message_new_chat(alice):
+    conversation = conversation_create(owner=alice)
+    html = client_for(alice).get(chat_url(conversation.id)).content.decode()
+    assert "<title>New chat · Grizz</title>" in html
+    assert "data-untitled" in html
+
+
+def test_it_names_the_conversation_in_the_page_title(alice):
+    conversation = conversation_create(owner=alice, title="Salmon <season>")
+    html = client_for(alice).get(chat_url(conversation.id)).content.decode()
+    assert "<title>Salmon &lt;season&gt; · Grizz</title>" in html
+
+
+def test_it_offers_a_new_chat_button_that_needs_no_form(alice):
+    client = client_for(alice)
+    html = client.get(LIST_URL).content.decode()
+    assert '<button type="submit" id="new-chat"' in html
+    response = client.post(LIST_URL, {})
+    assert response["Location"] == chat_url(Conversation.objects.get().id)
+
+
+def test_it_gives_the_page_scripts_the_csrf_token(alice):
+    html = client_for(alice).get(LIST_URL).content.decode()
+    assert re.search(r'<meta name="csrf-token" content="[^"]{32,}">', html)
+
+
+def test_it_redirects_favicon_ico_to_the_svg_icon_every_page_links():
+    html = Client().get(LOGIN_URL).content.decode()
+    assert '<link rel="icon" href="/static/chat/favicon.svg" type="image/svg+xml">' in html
+    response = Client().get("/favicon.ico")
+    assert response.status_code == 302
+    assert response["Location"] == "/static/chat/favicon.svg"
+    icon = Client().get("/static/chat/favicon.svg")
+    assert icon.status_code == 200
+    assert served(icon).startswith(b"<svg")
+
+
 # --- The demo banner --------------------------------------------------------------------
 
 
@@ -310,7 +376,15 @@ def test_it_hides_the_demo_banner_with_an_api_key(alice, settings):
 
 @pytest.mark.parametrize(
     ("path", "content_type"),
-    [("chat/chat.js", "text/javascript"), ("chat/style.css", "text/css")],
+    [
+        ("chat/chat.js", "text/javascript"),
+        ("chat/markdown.js", "text/javascript"),
+        ("chat/sidebar.js", "text/javascript"),
+        ("chat/style.css", "text/css"),
+        ("vendor/marked/marked.umd.js", "text/javascript"),
+        ("vendor/dompurify/purify.min.js", "text/javascript"),
+        ("vendor/highlight/highlight.min.js", "text/javascript"),
+    ],
 )
 def test_it_serves_the_static_files_from_the_source_tree(path, content_type):
     response = Client().get(f"/static/{path}")

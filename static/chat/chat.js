@@ -5,9 +5,10 @@
  *   server -> client: hello, queued, user_message, delta, restart, done, error, pong
  *   client -> server: message, ping, cancel, resume
  *
- * The transcript is rendered by the server; this file keeps it up to date. Every piece of
- * user or model text goes into the page as a text node (textContent / createTextNode), never
- * as HTML, so an answer containing "<script>" is shown literally.
+ * The transcript is rendered by the server; this file keeps it up to date. A user's text
+ * goes into the page as a text node, never as HTML; an answer is rendered as Markdown by
+ * markdown.js (GrizzMarkdown), which shows raw HTML as text and sanitises what it renders,
+ * so an answer containing "<script>" is shown literally and nothing in it runs.
  */
 (function () {
   "use strict";
@@ -64,6 +65,16 @@
 
   const ACTIVE_STATUSES = new Set(["queued", "streaming"]);
 
+  // What the line above the composer says while a reply is on its way, or how it ended.
+  const COMPOSER_STATES = {
+    sending: "Sending…",
+    queued: "Waiting for the model…",
+    streaming: "Grizz is writing…",
+    stopping: "Stopping…",
+    cancelled: "Stopped. The part written so far is kept.",
+    failed: "The reply failed.",
+  };
+
   function isActive(status) {
     return ACTIVE_STATUSES.has(status);
   }
@@ -75,6 +86,11 @@
     notice: document.getElementById("notice"),
     noticeText: document.querySelector("#notice .notice-text"),
     noticeClose: document.querySelector("#notice .notice-close"),
+    noticeRetry: document.querySelector("#notice .notice-retry"),
+    banner: document.getElementById("connection-banner"),
+    bannerText: document.querySelector("#connection-banner .connection-banner-text"),
+    bannerRetry: document.querySelector("#connection-banner .connection-retry"),
+    composerStatus: document.getElementById("composer-status"),
     form: document.getElementById("composer"),
     input: document.getElementById("composer-input"),
     send: document.getElementById("send-button"),
@@ -98,7 +114,14 @@
     pending: null,
     // Per job: {lastSeq, buffer: Map(seq -> frame), finished, gapTimer}.
     jobs: new Map(),
+    // How the last reply ended, for the composer's line: "cancelled", "failed" or null.
+    lastOutcome: null,
+    queuePosition: null,
+    noticeTimer: null,
   };
+
+  // Each answer's Markdown renderer (GrizzMarkdown.StreamRenderer), by its element.
+  const renderers = new WeakMap();
 
   // ---------------------------------------------------------------------------------------
   // Connection
@@ -137,6 +160,7 @@
     const fatal = FATAL_CLOSES[event.code];
     if (fatal) {
       state.fatal = true;
+      els.banner.hidden = true;
       setConnectionStatus("closed", fatal.status);
       showNotice(fatal.message);
       updateControls();
@@ -164,6 +188,7 @@
     state.reconnectAttempt = Math.min(state.reconnectAttempt + 1, 10);
     const seconds = Math.ceil(delay / 1000);
     setConnectionStatus("reconnecting", "Disconnected, retrying in " + seconds + " s");
+    showBanner("Connection lost. Reconnecting in " + seconds + " s…");
     state.reconnectTimer = setTimeout(connect, delay);
   }
 
@@ -242,6 +267,7 @@
     // Reset on hello, not on open: a server that accepts and then closes must still back off.
     state.reconnectAttempt = 0;
     setConnectionStatus("open", "Connected");
+    els.banner.hidden = true;
     // A cancel sent just before the drop may be lost: let the user press Stop again.
     state.cancelRequestedFor = null;
 
@@ -272,6 +298,7 @@
   function onQueued(frame) {
     const pending = state.pending;
     state.pending = null;
+    state.queuePosition = Number.isInteger(frame.queue_position) ? frame.queue_position : null;
     if (pending) {
       if (findMessageElement(frame.message_id)) {
         pending.element.remove(); // Already shown, by a transcript resync.
@@ -343,7 +370,8 @@
         setMessageContent(element, "");
       } else if (next.type === "error") {
         // llm_unavailable: the reply waits for the provider and goes on; only a notice.
-        showNotice(next.message || ERROR_TEXTS.llm_unavailable);
+        const wait = Number(next.retry_after) > 0 ? " (about " + Math.ceil(next.retry_after) + " s)" : "";
+        showNotice((next.message || ERROR_TEXTS.llm_unavailable) + wait);
       } else {
         appendMessageContent(element, next.content || "");
       }
@@ -377,7 +405,11 @@
     const stick = isNearBottom();
     // "content" is the whole answer: it wins over whatever the deltas assembled.
     setMessageContent(element, frame.content || "");
-    setMessageStatus(element, frame.status === "cancelled" ? "cancelled" : "complete");
+    const status = frame.status === "cancelled" ? "cancelled" : "complete";
+    setMessageStatus(element, status);
+    if (frame.job_id === state.activeJobId) {
+      state.lastOutcome = status === "cancelled" ? "cancelled" : null;
+    }
     const usage = frame.usage;
     if (usage && usage.total_tokens != null) {
       element.title = usage.total_tokens + " tokens";
@@ -395,27 +427,41 @@
       return;
     }
     const text = frame.message || ERROR_TEXTS[frame.code] || "Something went wrong.";
-    showNotice(text);
-    if (frame.job_id) {
+    if (frame.code === "finished") {
+      // The cancel came too late: the reply's own end (done, or the resync) says how.
+      state.cancelRequestedFor = null;
+      updateControls();
+    } else if (frame.job_id) {
+      // The reply failed (llm_error, timeout): said in it, with a retry.
       if (!jobState(frame.job_id).finished) {
         const element = ensureReplyElement(frame.job_id);
         setMessageStatus(element, "failed");
         setMessageError(element, text);
+        state.lastOutcome = "failed";
       }
       finishJob(frame.job_id);
     } else if (state.pending) {
       // An error without a job answers the message we are waiting on (only one can be
-      // waiting): the server did not store it, so give the text back to the user.
+      // waiting): the server did not store it, so give the text back to the user, with a
+      // retry once the wait the server asks for (rate_limited, overloaded) is over.
       rejectPending();
-    } else if (state.cancelRequestedFor) {
-      // Most likely the cancel was refused: let the user try again.
-      state.cancelRequestedFor = null;
-      updateControls();
+      showNotice(text, { retry: sendMessage, retryAfter: frame.retry_after });
+    } else {
+      showNotice(text);
+      if (state.cancelRequestedFor) {
+        // Most likely the cancel was refused: let the user try again.
+        state.cancelRequestedFor = null;
+        updateControls();
+      }
     }
   }
 
   function finishJob(jobId) {
     const job = jobState(jobId);
+    const element = findReplyElement(jobId);
+    if (element && renderers.has(element)) {
+      renderers.get(element).flush();
+    }
     job.finished = true;
     job.buffer.clear();
     clearTimeout(job.gapTimer);
@@ -449,6 +495,11 @@
     const pending = { clientMsgId: newClientMsgId(), content: content, element: null };
     pending.element = appendMessage({ role: "user", status: "sending", content: content });
     state.pending = pending;
+    state.lastOutcome = null;
+    state.queuePosition = null;
+    if (window.GrizzSidebar) {
+      window.GrizzSidebar.conversationSent(root.dataset.conversationId, content);
+    }
     sendFrame(messageFrame(pending)); // If the socket just dropped, hello resends it.
     els.input.value = "";
     resizeInput();
@@ -602,6 +653,9 @@
     content.textContent = record.content || "";
 
     item.append(meta, content);
+    if (record.role === "assistant") {
+      decorateAnswer(item, isActive(record.status) ? "" : record.content || "");
+    }
     setMessageStatus(item, record.status || "complete");
     if (record.status === "failed") {
       setMessageError(item, record.error || "The reply failed.");
@@ -653,13 +707,46 @@
     return element.querySelector(".msg-content");
   }
 
-  function setMessageContent(element, text) {
-    contentNode(element).textContent = text;
+  // An answer's Markdown renderer, and its Copy button.
+  function decorateAnswer(element, text) {
+    const renderer = new window.GrizzMarkdown.StreamRenderer(contentNode(element));
+    renderer.finish(text);
+    renderer.around = function (work) {
+      const stick = isNearBottom();
+      work();
+      if (stick) {
+        scrollToBottom();
+      }
+    };
+    renderers.set(element, renderer);
+    const copy = document.createElement("button");
+    copy.type = "button";
+    copy.className = "copy-button copy-answer";
+    copy.textContent = "Copy";
+    copy.setAttribute("aria-label", "Copy answer");
+    element.querySelector(".msg-meta").append(copy);
   }
 
-  // Appends to one text node: rebuilding textContent on every delta would be quadratic.
+  function setMessageContent(element, text) {
+    const renderer = renderers.get(element);
+    if (!renderer) {
+      contentNode(element).textContent = text;
+    } else if (text) {
+      renderer.finish(text);
+    } else {
+      renderer.reset(""); // "restart": the reply is written again from the start
+    }
+  }
+
+  // An answer is rendered at most once per frame, its finished blocks kept (markdown.js).
+  // A user's text goes to one text node: rebuilding textContent per delta would be quadratic.
   function appendMessageContent(element, text) {
     if (!text) {
+      return;
+    }
+    const renderer = renderers.get(element);
+    if (renderer) {
+      renderer.append(text);
       return;
     }
     const content = contentNode(element);
@@ -683,7 +770,57 @@
       error.className = "msg-error";
       element.append(error);
     }
-    error.textContent = text;
+    error.textContent = text + " ";
+    const retry = document.createElement("button");
+    retry.type = "button";
+    retry.className = "link-button retry-button";
+    retry.textContent = "Retry";
+    error.append(retry);
+  }
+
+  // Retry of a failed answer: the question before it is sent again, as a new turn.
+  function retryFailed(element) {
+    let question = element.previousElementSibling;
+    while (question && question.dataset.role !== "user") {
+      question = question.previousElementSibling;
+    }
+    if (!question || els.send.disabled) {
+      return;
+    }
+    els.input.value = contentNode(question).textContent;
+    sendMessage();
+  }
+
+  // Copies to the clipboard, with a fallback for pages not in a secure context.
+  async function copyText(button, text) {
+    try {
+      await navigator.clipboard.writeText(text);
+    } catch (error) {
+      const scratch = document.createElement("textarea");
+      scratch.value = text;
+      document.body.append(scratch);
+      scratch.select();
+      document.execCommand("copy");
+      scratch.remove();
+    }
+    const label = button.textContent;
+    button.textContent = "Copied";
+    setTimeout(() => (button.textContent = label), 1500);
+  }
+
+  function onTranscriptClick(event) {
+    const button = event.target.closest("button");
+    if (!button) {
+      return;
+    }
+    const item = button.closest("li.msg");
+    if (button.classList.contains("copy-answer")) {
+      copyText(button, renderers.get(item).source);
+    } else if (button.classList.contains("copy-code")) {
+      copyText(button, button.closest(".code-block").querySelector("pre").textContent);
+    } else if (button.classList.contains("retry-button")) {
+      retryFailed(item);
+    }
   }
 
   function updateEmptyHint() {
@@ -700,6 +837,27 @@
     const stopping = state.activeJobId !== null && state.cancelRequestedFor === state.activeJobId;
     els.stop.disabled = !state.connected || stopping;
     els.stop.textContent = stopping ? "Stopping…" : "Stop";
+    updateComposerStatus(stopping);
+  }
+
+  function updateComposerStatus(stopping) {
+    let name = state.lastOutcome;
+    if (state.pending) {
+      name = "sending";
+    } else if (stopping) {
+      name = "stopping";
+    } else if (state.activeJobId) {
+      const reply = findReplyElement(state.activeJobId);
+      name = reply && reply.dataset.status === "streaming" ? "streaming" : "queued";
+    }
+    let text = COMPOSER_STATES[name] || "";
+    if (name === "queued" && state.queuePosition !== null) {
+      text = "Waiting in the queue: position " + state.queuePosition + "…";
+    }
+    els.composerStatus.dataset.state = name || "idle";
+    if (els.composerStatus.textContent !== text) {
+      els.composerStatus.textContent = text;
+    }
   }
 
   function setConnectionStatus(name, text) {
@@ -707,15 +865,44 @@
     els.status.textContent = text;
   }
 
-  function showNotice(text) {
-    els.noticeText.textContent = text;
+  // A notice with a retry action offers it once the server's wait (retry_after, seconds) is
+  // over, counting it down meanwhile.
+  function showNotice(text, options) {
+    const retry = options && options.retry;
+    clearInterval(state.noticeTimer);
+    els.noticeRetry.hidden = !retry;
+    els.noticeRetry.onclick = retry
+      ? function () {
+          hideNotice();
+          retry();
+        }
+      : null;
+    let wait = Math.ceil((options && options.retryAfter) || 0);
+    const tick = function () {
+      els.noticeText.textContent = wait > 0 ? text + " Try again in " + wait + " s." : text;
+      els.noticeRetry.disabled = wait > 0;
+      wait -= 1;
+      if (wait < 0) {
+        clearInterval(state.noticeTimer);
+      }
+    };
+    tick();
+    if (wait >= 0) {
+      state.noticeTimer = setInterval(tick, 1000);
+    }
     els.notice.hidden = false;
   }
 
   function hideNotice() {
     if (!state.fatal) {
+      clearInterval(state.noticeTimer);
       els.notice.hidden = true;
     }
+  }
+
+  function showBanner(text) {
+    els.bannerText.textContent = text;
+    els.banner.hidden = false;
   }
 
   function isNearBottom() {
@@ -738,8 +925,14 @@
   // Start-up
 
   function readServerRenderedReplies() {
+    for (const item of els.transcript.querySelectorAll("li.msg[data-role='assistant']")) {
+      decorateAnswer(item, isActive(item.dataset.status) ? "" : contentNode(item).textContent);
+    }
     for (const item of els.transcript.querySelectorAll("li.msg[data-job-id]")) {
       const job = jobState(item.dataset.jobId);
+      if (item.dataset.status === "failed") {
+        setMessageError(item, item.querySelector(".msg-error").textContent);
+      }
       if (isActive(item.dataset.status)) {
         // Its content is empty in the database until it finishes: "hello" + resume fill it.
         state.activeJobId = item.dataset.jobId;
@@ -767,8 +960,10 @@
     els.input.addEventListener("input", resizeInput);
     els.stop.addEventListener("click", requestStop);
     els.noticeClose.addEventListener("click", function () {
-      els.notice.hidden = true;
+      hideNotice();
     });
+    els.bannerRetry.addEventListener("click", reconnectNow);
+    els.transcript.addEventListener("click", onTranscriptClick);
     // Back online: no point waiting out the backoff.
     window.addEventListener("online", reconnectNow);
   }
