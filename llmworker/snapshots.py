@@ -18,7 +18,9 @@ from django.conf import settings
 
 from grizz import metrics
 from llmworker.breaker import breaker_states
+from llmworker.names import host_name
 from llmworker.redis import redis_get, worker_snapshot_key, worker_snapshots_key
+from llmworker.supervisor import PARENT_ENV
 
 WINDOW_SECONDS = 60.0
 
@@ -34,6 +36,8 @@ class WorkerSnapshot:
     last_minute: dict[str, int]  # the same, over the last `window_seconds`
     window_seconds: float  # about a minute; less for a worker younger than that
     circuits: dict[str, str]  # provider base URL -> closed, half_open or open
+    host: str = ""
+    supervisor_pid: int | None = None  # of its pool's supervisor, if it runs in one
 
 
 class SnapshotTaker:
@@ -62,7 +66,14 @@ class SnapshotTaker:
             last_minute={name: count - base.get(name, 0) for name, count in totals.items()},
             window_seconds=round(now - base_at, 1),
             circuits=breaker_states(),
+            host=host_name(),
+            supervisor_pid=_supervisor_pid(),
         )
+
+
+def _supervisor_pid() -> int | None:
+    supervisor = os.environ.get(PARENT_ENV)
+    return int(supervisor) if supervisor else None
 
 
 def _ttl_ms() -> int:

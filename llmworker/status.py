@@ -218,7 +218,20 @@ def _workers_table(workers: list[WorkerSnapshot]) -> list[str]:
         )
     if not workers:
         lines.append("(none: no worker has published its figures in the last few seconds)")
-    return lines
+    return lines + _pools_lines(workers)
+
+
+def _pools_lines(workers: list[WorkerSnapshot]) -> list[str]:
+    """The supervised pools the workers run in, by host and supervisor."""
+    pools: dict[tuple[str, int], list[str]] = {}
+    for worker in workers:
+        if worker.supervisor_pid is not None:
+            pools.setdefault((worker.host, worker.supervisor_pid), []).append(worker.name)
+    lines = [f"{'POOL':<36} {'PROCESSES':>11}  WORKERS"] if pools else []
+    for (host, pid), names in sorted(pools.items()):
+        head = f"{_clip(f'{host}, supervisor pid {pid}', 36):<36} {len(names):>11}  "
+        lines.append(head + _clip(", ".join(sorted(names)), WIDTH - len(head)))
+    return ["", *lines] if lines else []
 
 
 def _worst(circuits: dict[str, str]) -> str:

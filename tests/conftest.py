@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from django.conf import settings
 from django.contrib.auth.models import User
+from pytest_django.fixtures import Settings
 
 from chat.models import Conversation
 from chat.services import conversation_create
@@ -251,6 +252,15 @@ def start_daphne(service_env: dict[str, str]) -> Iterator[Callable[..., ServiceP
 @pytest.fixture
 def daphne(start_daphne: Callable[..., ServiceProcess]) -> ServiceProcess:
     return start_daphne()
+
+
+@pytest.fixture
+def limits(settings: Settings) -> Settings:
+    """The settings, with every admission limit off: each test turns on the one it checks."""
+    settings.CHAT_RATE_LIMIT = (0, 60)
+    settings.CHAT_MAX_INFLIGHT_PER_USER = 0
+    settings.CHAT_LIMITS_EXEMPT_STAFF = False
+    return settings
 
 
 @pytest.fixture

@@ -706,15 +706,6 @@ def message_url(conversation_id: object, message_id: object) -> str:
     return f"/api/conversations/{conversation_id}/messages/{message_id}/"
 
 
-@pytest.fixture
-def limits(settings):
-    """The settings, with every admission limit off: each test turns on the one it checks."""
-    settings.CHAT_RATE_LIMIT = (0, 60)
-    settings.CHAT_MAX_INFLIGHT_PER_USER = 0
-    settings.CHAT_LIMITS_EXEMPT_STAFF = False
-    return settings
-
-
 def send(user, conversation, **body: object):
     return client_as(user).post(messages_url(conversation.id), body, format="json")
 

@@ -17,15 +17,6 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 
 
 @pytest.fixture
-def limits(settings):
-    """The settings, with every admission limit off: each test turns on the one it checks."""
-    settings.CHAT_RATE_LIMIT = (0, 60)
-    settings.CHAT_MAX_INFLIGHT_PER_USER = 0
-    settings.CHAT_LIMITS_EXEMPT_STAFF = False
-    return settings
-
-
-@pytest.fixture
 def sam(transactional_db: None) -> User:
     """Staff, not a superuser."""
     return User.objects.create_user("sam", password="sam-password-1", is_staff=True)

@@ -10,7 +10,9 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from chat.models import Message
+from llmworker.names import host_name
 from llmworker.redis import StreamEntries, dead_letter_key, redis_get, redis_now_ms
+from tests.conftest import RUN_ID
 from tests.support.dead_letters import dead_letters_once_written
 from tests.support.fake_openai import Behaviour
 from tests.support.sockets import ChatSocket, chat_opened, message_queued
@@ -213,3 +215,23 @@ async def test_it_shows_each_workers_replies_of_the_last_minute_and_its_breaker(
     assert all(len(line) <= 100 for line in table.splitlines())
     assert after_stop["workers"] == []
     await socket.close()
+
+
+async def test_it_shows_the_pool_its_workers_run_in(service_env, start_pool):
+    service_env["LLM_WORKER_SNAPSHOT_SECONDS"] = "0.5"
+    pool = await asyncio.to_thread(start_pool, "shown", processes=2)
+    names = [f"shown-{RUN_ID}-0", f"shown-{RUN_ID}-1"]
+
+    status = await _status_once(lambda s: sorted(w["name"] for w in s["workers"]) == names)
+    table = await run("llm_status")
+
+    supervisor_pids = {w["supervisor_pid"] for w in status["workers"]}
+    assert supervisor_pids == {pool.process.pid}
+    pools = table.split("\nPOOL ", 1)[1].splitlines()
+    assert pools[1].split() == [
+        *f"{host_name()}, supervisor pid {pool.process.pid}".split(),
+        "2",
+        f"{names[0]},",
+        names[1],
+    ]
+    assert all(len(line) <= 100 for line in table.splitlines())
