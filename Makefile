@@ -24,6 +24,10 @@ run: install
 TEST_ENV := DATABASE_URL=$(TEST_DATABASE_URL) DJANGO_DEBUG=0 \
 	DJANGO_SECRET_KEY=grizz-test-only-not-a-secret-0123456789
 
+# Two test processes (pytest-xdist), whole files to one process so that a module's shared
+# servers (the browser tests' daphne, worker and Chromium) start once.
+PYTEST_ARGS ?= -n 2 --dist loadfile
+
 test: install lint
 	$(TEST_ENV) $(PY) manage.py makemigrations --check --dry-run
 	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
