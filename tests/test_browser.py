@@ -227,6 +227,8 @@ def test_it_grows_the_answer_token_by_token_and_renders_markdown(open_tab, alice
     expect(answer.locator(".copy-answer")).to_be_visible()
     expect(page.locator("#send-button")).to_be_enabled()
     assert "| Bear |" not in answer_text(page)  # no raw Markdown left
+    usage = Message.objects.get(conversation=conversation, role="assistant").usage
+    expect(answer.locator(".msg-usage")).to_have_text(f"{usage['total_tokens']} tokens")
     screenshot(page, "chat")
     assert tab.errors == []
 

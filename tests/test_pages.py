@@ -224,6 +224,18 @@ def test_it_renders_the_transcript_in_order(alice):
     assert EMPTY_HIDDEN.search(html)  # the "No messages yet" line is hidden
 
 
+def test_it_shows_the_tokens_an_answer_used(alice):
+    conversation = conversation_create(owner=alice)
+    usage = {"prompt_tokens": 12, "completion_tokens": 30, "total_tokens": 42}
+    answered(conversation, "Counted?", "Counted.", usage=usage)
+    answered(conversation, "And this one?", "Not counted.")  # a provider that sent no usage
+
+    html = client_for(alice).get(chat_url(conversation.id)).content.decode()
+
+    assert html.count('class="msg-usage"') == 1
+    assert '<span class="msg-usage" title="12 in, 30 out">42 tokens</span>' in html
+
+
 def test_it_marks_a_reply_still_queued(alice):
     conversation = conversation_create(owner=alice)
     sent = message_send(conversation=conversation, content="Anyone there?")

@@ -410,10 +410,7 @@
     if (frame.job_id === state.activeJobId) {
       state.lastOutcome = status === "cancelled" ? "cancelled" : null;
     }
-    const usage = frame.usage;
-    if (usage && usage.total_tokens != null) {
-      element.title = usage.total_tokens + " tokens";
-    }
+    setMessageUsage(element, frame.usage);
     finishJob(frame.job_id);
     if (stick) {
       scrollToBottom();
@@ -756,6 +753,22 @@
     } else {
       content.append(document.createTextNode(text));
     }
+  }
+
+  // What the provider counted for the answer, as the page shows it after a reload.
+  function setMessageUsage(element, usage) {
+    if (!usage || usage.total_tokens == null) {
+      return;
+    }
+    let label = element.querySelector(".msg-usage");
+    if (!label) {
+      label = document.createElement("span");
+      label.className = "msg-usage";
+      const meta = element.querySelector(".msg-meta");
+      meta.insertBefore(label, meta.querySelector(".copy-answer")); // null: at the end
+    }
+    label.textContent = usage.total_tokens + " tokens";
+    label.title = usage.prompt_tokens + " in, " + usage.completion_tokens + " out";
   }
 
   function setMessageStatus(element, status) {
