@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
+from django.contrib.auth.models import User
 from django.test import Client
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
@@ -599,3 +600,25 @@ def test_it_links_a_favicon_and_names_pages(open_tab, alice, fake_llm):
     assert page.request.get(icon).status == 200
     response = page.request.get("/favicon.ico")  # followed to the icon
     assert (response.status, response.url.endswith(icon)) == (200, True)
+
+
+def test_it_shows_staff_the_transcript_in_the_admin(open_tab, alice, fake_llm):
+    conversation = conversation_create(owner=alice, title="Reviewed")
+    answered(conversation, "What do bears eat?", "Mostly berries.")
+    usage = {"prompt_tokens": 12, "completion_tokens": 30, "total_tokens": 42}
+    answered(conversation, "And in winter?", "Nothing, they sleep.", usage=usage)
+    staff = User.objects.create_superuser("carol", "carol@example.com", None)
+    tab = open_tab(staff)
+
+    tab.page.goto(f"/admin/chat/conversation/{conversation.id}/change/")
+
+    transcript = tab.page.locator("#messages-group")
+    expect(transcript.locator("td.field-content")).to_have_text(
+        ["What do bears eat?", "Mostly berries.", "And in winter?", "Nothing, they sleep."]
+    )
+    expect(transcript.locator("td.field-status")).to_have_text(["Complete"] * 4)
+    expect(transcript.locator("td.field-tokens").last).to_have_text("42 (12 in, 30 out)")
+    expect(transcript.locator("textarea, input[type=text]")).to_have_count(0)  # read-only
+    transcript.scroll_into_view_if_needed()
+    screenshot(tab.page, "admin")
+    assert tab.errors == []
