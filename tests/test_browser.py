@@ -229,6 +229,7 @@ def test_it_grows_the_answer_token_by_token_and_renders_markdown(open_tab, alice
     expect(page.locator("#send-button")).to_be_enabled()
     assert "| Bear |" not in answer_text(page)  # no raw Markdown left
     usage = Message.objects.get(conversation=conversation, role="assistant").usage
+    assert usage is not None
     expect(answer.locator(".msg-usage")).to_have_text(f"{usage['total_tokens']} tokens")
     screenshot(page, "chat")
     assert tab.errors == []
