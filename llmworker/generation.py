@@ -29,7 +29,7 @@ from llmworker.breaker import CircuitBreaker, Permit, breaker_for
 from llmworker.faults import fault_point
 from llmworker.jobs import Job
 from llmworker.providers import Chunk, Provider, ProviderError, model_default
-from llmworker.redis import entry_id_ms
+from llmworker.redis import entry_age_seconds
 from llmworker.replies import ReplyPublisher, StaleAttempt
 
 logger = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ class ReplyGeneration:
         if start.exhausted:
             return await self._give_up(start)
         self.started_at = time.monotonic()
-        queued_ms = _since_entry_ms(self.entry_id)
+        queued_ms = milliseconds(entry_age_seconds(self.entry_id))
         logger.info(
             "job %s: attempt %d for conversation %s, enqueued %d ms ago",
             self.job.job_id, start.attempt, self.job.conversation_id, queued_ms,
@@ -344,9 +344,7 @@ class ReplyGeneration:
     def _first_token(self) -> None:
         self.sent_any_delta = True
         self.first_token_at = time.monotonic()
-        # The entry id is the enqueue on Redis's clock: hosts' clocks must agree (NTP).
-        waited = time.time() - entry_id_ms(self.entry_id) / 1000
-        self.metrics.first_token.observe(max(0.0, waited))
+        self.metrics.first_token.observe(entry_age_seconds(self.entry_id))
 
     async def _finish_cancelled(self, start: ReplyStart) -> Result:
         content = "".join(self.parts)
@@ -422,9 +420,3 @@ class ReplyGeneration:
             code="llm_error", message="The reply could not be generated; please try again."
         )
         return Result(Outcome.DEAD_LETTER, reason=reason, attempts=start.attempt)
-
-
-def _since_entry_ms(entry_id: str) -> int:
-    """Milliseconds since the job's stream entry was added: its id is Redis's clock then."""
-    added_ms = int(entry_id.partition("-")[0] or 0)
-    return max(0, int(time.time() * 1000) - added_ms)

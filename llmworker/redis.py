@@ -6,6 +6,7 @@ client (the web process has one loop; the test suite makes a loop per test).
 
 import asyncio
 import random
+import time
 import weakref
 from typing import Any, TypeAlias
 
@@ -169,6 +170,13 @@ async def redis_now_ms() -> int:
 def entry_id_ms(entry_id: str) -> int:
     """When a stream entry was added, in Redis's milliseconds: the first part of its id."""
     return int(entry_id.partition("-")[0])
+
+
+def entry_age_seconds(entry_id: str) -> float:
+    """How long ago a stream entry was added, by this host's clock against Redis's (which
+    stamped the id): on the hot path, where a TIME round trip would cost more than the
+    figure is worth, so hosts' clocks must agree (NTP). Never negative."""
+    return max(0.0, time.time() - entry_id_ms(entry_id) / 1000)
 
 
 def reply_log_key(job_id: str) -> str:

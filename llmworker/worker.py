@@ -9,7 +9,6 @@ import contextlib
 import functools
 import logging
 import random
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -29,7 +28,7 @@ from llmworker.queue import Delivery, JobQueue
 from llmworker.redis import (
     TRANSIENT_ERRORS,
     cancel_channel,
-    entry_id_ms,
+    entry_age_seconds,
     redis_get,
     redis_pubsub_client,
 )
@@ -180,11 +179,8 @@ class Worker:
 
     def _queue_waits_count(self, deliveries: list[Delivery]) -> list[Delivery]:
         """First deliveries only: a job taken over waited for a lease, not in the queue."""
-        # Entry ids are the enqueue on Redis's clock: hosts' clocks must agree (NTP).
-        now_ms = time.time() * 1000
         for delivery in deliveries:
-            waited = (now_ms - entry_id_ms(delivery.entry_id)) / 1000
-            self.metrics.queue_wait.observe(max(0.0, waited))
+            self.metrics.queue_wait.observe(entry_age_seconds(delivery.entry_id))
         return deliveries
 
     async def _read_until_shutdown(self, count: int) -> list[Delivery]:
