@@ -547,8 +547,6 @@ def test_it_renders_a_4000_token_answer_cheaply(open_tab, alice, fake_llm, capsy
     send(page, "A long one")
     expect(page.locator(ANSWER).last).to_have_attribute("data-status", "complete", timeout=60_000)
     live = page.evaluate("({...GrizzMarkdown.stats})")
-    # The worst case, in the page: a render after every one of the 4,000 tokens, against a
-    # whole parse of the text so far after every token.
     # In the page: the worst case, a render after every one of the 4,000 tokens, and what the
     # last 200 of those cost against 200 whole parses of the answer at its full length.
     measured = page.evaluate(
@@ -585,8 +583,9 @@ def test_it_renders_a_4000_token_answer_cheaply(open_tab, alice, fake_llm, capsy
             f" whole parses of the full answer"
         )
     assert len(answer_text(page).split()) == sum(1 for token in tokens if token.strip())
-    assert live["maxMs"] < 100  # no frame spends long re-rendering what has not changed
-    # A render costs the same at the end of a long answer as at its start.
+    # A render costs the same at the end of a long answer as at its start (compared within
+    # the run: a wall-clock bound on one render fails on a busy machine; the figures above
+    # are printed for the record, and speed targets belong to the bench).
     assert measured["last200"] * 5 < measured["whole200"]
     assert measured["blocks"] > 100  # finished paragraphs were kept, not re-rendered
 
