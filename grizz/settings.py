@@ -94,6 +94,24 @@ def envlist(name: str, default: str) -> list[str]:
     return [item.strip() for item in envstr(name, default).split(",") if item.strip()]
 
 
+def envnames(name: str, default: list[str], *, longest: int) -> list[str]:
+    """Comma-separated names, each given once and at most `longest` characters; unset or
+    empty: the default. An empty name ("a,,b", a trailing comma) is a typo, not a name."""
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return default
+    names = [item.strip() for item in value.split(",")]
+    if "" in names:
+        raise ImproperlyConfigured(f"{name} must be names separated by commas, got {value!r}")
+    repeated = sorted({item for item in names if names.count(item) > 1})
+    if repeated:
+        raise ImproperlyConfigured(f"{name} names {', '.join(repeated)} more than once")
+    too_long = [item for item in names if len(item) > longest]
+    if too_long:
+        raise ImproperlyConfigured(f"{name}: {too_long[0]!r} is over {longest} characters")
+    return names
+
+
 def bounds_parse(value: str) -> tuple[int, int]:
     """`MIN,MAX` as two integers, 1 <= MIN <= MAX (ValueError otherwise). Also the parser of
     `run_llm_worker --autoscale`, so that the option and its variable take the same values."""
@@ -316,6 +334,15 @@ LLM_HIGH_PRIORITY_SHARE = envfloat("LLM_HIGH_PRIORITY_SHARE", 0.75)
 OPENAI_API_KEY = envstr("OPENAI_API_KEY", "")
 OPENAI_BASE_URL = envstr("OPENAI_BASE_URL", "") or None
 LLM_MODEL = envstr("LLM_MODEL", "gpt-4o-mini")
+# The models a conversation may name (its settings panel, PATCH /api/conversations/<id>/);
+# one that names none gets LLM_MODEL. At most as long as Conversation.model holds.
+LLM_MODELS = envnames("LLM_MODELS", [LLM_MODEL], longest=100)
+if LLM_MODEL not in LLM_MODELS:
+    # Refused rather than added: the list is what the operator offers, and a default the
+    # list leaves out is more likely a typo in one of the two than a wish.
+    raise ImproperlyConfigured(
+        f"LLM_MODELS must include LLM_MODEL ({LLM_MODEL!r}), got {', '.join(LLM_MODELS)}"
+    )
 LLM_DEMO_MODEL = "grizz-demo"
 LLM_REQUEST_TIMEOUT_SECONDS = envfloat("LLM_REQUEST_TIMEOUT_SECONDS", 60.0, minimum=1.0)
 # How long a reply's deltas stay replayable in Redis after the reply has finished.

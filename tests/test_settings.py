@@ -105,6 +105,39 @@ def test_it_rejects_a_weak_metrics_token_and_a_port_out_of_range(name, value, sa
     assert said in result.stderr
 
 
+PRINT_MODELS = "from django.conf import settings; print(settings.LLM_MODEL, settings.LLM_MODELS)"
+
+
+def _models_printed(**env: str) -> str:
+    # The last line: `shell` may say first what it imported.
+    return _manage("shell", "-c", PRINT_MODELS, **{**PRODUCTION, **env}).stdout.splitlines()[-1]
+
+
+def test_it_offers_the_default_model_alone_unless_told_otherwise():
+    assert _models_printed(LLM_MODEL="bear-1") == "bear-1 ['bear-1']"
+
+
+def test_it_offers_the_models_listed_with_the_default_among_them():
+    printed = _models_printed(LLM_MODEL="bear-1", LLM_MODELS=" bear-2, bear-1 ")
+    assert printed == "bear-1 ['bear-2', 'bear-1']"
+
+
+@pytest.mark.parametrize(
+    ("models", "said"),
+    [
+        ("bear-1,,bear-2", "LLM_MODELS must be names separated by commas, got 'bear-1,,bear-2'"),
+        ("bear-1,", "LLM_MODELS must be names separated by commas, got 'bear-1,'"),
+        ("bear-1,bear-2,bear-1", "LLM_MODELS names bear-1 more than once"),
+        (f"bear-1,{'b' * 101}", f"LLM_MODELS: '{'b' * 101}' is over 100 characters"),
+        ("bear-2,bear-3", "LLM_MODELS must include LLM_MODEL ('bear-1'), got bear-2, bear-3"),
+    ],
+)
+def test_it_rejects_a_malformed_list_of_models(models, said):
+    result = _manage("check", **{**PRODUCTION, "LLM_MODEL": "bear-1", "LLM_MODELS": models})
+    assert result.returncode != 0
+    assert said in result.stderr
+
+
 def test_it_rejects_an_unknown_log_format():
     result = _manage("check", **{**PRODUCTION, "LOG_FORMAT": "xml"})
     assert result.returncode != 0
