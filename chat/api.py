@@ -2,13 +2,15 @@
 Every object is the caller's own: another user's is a 404, like one that does not exist.
 Errors: chat/api_errors.py. The reply stream (SSE) is not DRF: chat/stream.py."""
 
+import contextlib
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.contrib.auth.models import User
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models import QuerySet
 from django.http import Http404
 from django.shortcuts import get_object_or_404
@@ -61,6 +63,11 @@ class ConversationSerializer(serializers.ModelSerializer[Conversation]):
         read_only_fields = ["id", "created_at", "updated_at"]
         extra_kwargs = {
             "title": {"required": False},
+            "model": {
+                "required": False,
+                "help_text": "One of GET /api/models/'s `models`; blank: the default, its "
+                "`default`. Used from the conversation's next reply on.",
+            },
             # The same limit as the web form: the system prompt goes into every prompt.
             "system_prompt": {"required": False, "max_length": settings.CHAT_MAX_MESSAGE_CHARS},
         }
@@ -159,6 +166,15 @@ class TokenVerify(TokenVerifyView):
 # --- Conversations ----------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def refused_settings_as_400() -> Iterator[None]:
+    """The services' refusal of a conversation's settings as the API's 400, with `fields`."""
+    try:
+        yield
+    except DjangoValidationError as error:
+        raise serializers.ValidationError(serializers.as_serializer_error(error)) from None
+
+
 class ConversationPages(pagination.PageNumberPagination):
     page_size = 50
     page_size_query_param = "page_size"
@@ -185,9 +201,12 @@ class ConversationListCreate(generics.ListCreateAPIView[Conversation]):
         return Conversation.objects.filter(owner=self.request.user).order_by("-updated_at", "-id")
 
     def perform_create(self, serializer: serializers.BaseSerializer[Conversation]) -> None:
-        serializer.instance = services.conversation_create(
-            owner=self.request.user, **serializer.validated_data
-        )
+        data = serializer.validated_data
+        with refused_settings_as_400():
+            services.conversation_settings_check(
+                conversation=None, model=data.get("model"), system_prompt=data.get("system_prompt")
+            )
+        serializer.instance = services.conversation_create(owner=self.request.user, **data)
 
 
 @extend_schema_view(
@@ -218,18 +237,38 @@ class ConversationDetail(generics.RetrieveUpdateDestroyAPIView[Conversation]):
         return Conversation.objects.filter(owner=self.request.user)
 
     def perform_update(self, serializer: serializers.BaseSerializer[Conversation]) -> None:
-        # A rename is not activity: updated_at (the list's order, newest first) stays as the
-        # last message left it, which save() and its auto_now would not.
         conversation = serializer.instance
         assert conversation is not None
-        Conversation.objects.filter(pk=conversation.pk).update(**serializer.validated_data)
-        conversation.refresh_from_db()
+        with refused_settings_as_400():
+            services.conversation_update(conversation=conversation, **serializer.validated_data)
 
     def perform_destroy(self, instance: Conversation) -> None:
         try:
             services.conversation_delete(conversation=instance)
         except (RedisError, OSError):
             raise unavailable() from None
+
+
+# --- Models -----------------------------------------------------------------------------
+
+
+class ModelChoicesSerializer(serializers.Serializer[services.ModelChoices]):
+    default = serializers.CharField(help_text="The model of a conversation whose `model` is blank.")
+    models = serializers.ListField(
+        child=serializers.CharField(),
+        help_text="The models a conversation may name (only the demo model in demo mode).",
+    )
+
+
+@extend_schema(
+    summary="The models a conversation may use, and the default",
+    responses={200: ModelChoicesSerializer, **error_responses(401)},
+)
+class ModelList(APIView):
+    """The same for every user: what the deployment offers (LLM_MODELS, LLM_MODEL)."""
+
+    def get(self, request: Request) -> Response:
+        return Response(ModelChoicesSerializer(services.model_choices()).data)
 
 
 # --- Messages ---------------------------------------------------------------------------

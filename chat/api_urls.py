@@ -28,6 +28,7 @@ urlpatterns = [
         api.ReplyCancel.as_view(),
         name="api-reply-cancel",
     ),
+    path("models/", api.ModelList.as_view(), name="api-models"),
     path("replies/<uuid:job_id>/stream", stream.reply_stream, name="api-reply-stream"),
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),

@@ -13,6 +13,7 @@ from typing import Any, TypedDict
 from asgiref.sync import async_to_sync, sync_to_async
 from django.conf import settings
 from django.contrib.auth.models import User
+from django.core.exceptions import ValidationError
 from django.db import IntegrityError, connection, transaction
 from django.db.models import (
     Aggregate,
@@ -34,6 +35,7 @@ from django.utils import timezone
 from chat import portable
 from chat.models import Conversation, Message
 from llmworker.admission import user_release
+from llmworker.providers import demo_mode_active, model_default
 from llmworker.redis import redis_get
 from llmworker.replies import ReplyPublisher, reply_cancel_request
 
@@ -58,6 +60,73 @@ def conversation_create(
     return Conversation.objects.create(
         owner=owner, title=title.strip(), system_prompt=system_prompt, model=model.strip()
     )
+
+
+@dataclass(frozen=True)
+class ModelChoices:
+    default: str  # the model of a conversation that names none
+    models: list[str]  # those a conversation may name
+
+
+def model_choices() -> ModelChoices:
+    """The models a conversation may use. Only the demo model answers in demo mode, whatever
+    LLM_MODELS says, so it is then the only one offered."""
+    if demo_mode_active():
+        return ModelChoices(default=model_default(), models=[model_default()])
+    return ModelChoices(default=model_default(), models=list(settings.LLM_MODELS))
+
+
+def conversation_settings_check(
+    *, conversation: Conversation | None, model: str | None, system_prompt: str | None
+) -> None:
+    """Refuse settings a conversation may not have (None: not being changed), with the
+    problems of each field (a ValidationError's message_dict). Blank model: the default. A
+    model the conversation already names may stay when it is no longer offered, so that
+    changing the system prompt alone never fails over the model."""
+    problems: dict[str, list[ValidationError]] = {}
+    offered = model_choices().models
+    chosen, kept = (model or "").strip(), conversation.model if conversation else ""
+    if chosen and chosen not in (*offered, kept):
+        problems["model"] = [
+            ValidationError(
+                f"{chosen!r} is not offered here; the models are {', '.join(offered)}.",
+                code="invalid_choice",
+            )
+        ]
+    limit = settings.CHAT_MAX_MESSAGE_CHARS
+    if system_prompt is not None and len(system_prompt) > limit:
+        # The same code as a serializer's max_length: the API's `too_long`.
+        message = f"Ensure this field has no more than {limit} characters."
+        problems["system_prompt"] = [ValidationError(message, code="max_length")]
+    if problems:
+        raise ValidationError(problems)
+
+
+def conversation_update(
+    *,
+    conversation: Conversation,
+    title: str | None = None,
+    model: str | None = None,
+    system_prompt: str | None = None,
+) -> Conversation:
+    """Change a conversation's title, model or system prompt (None: as it is), after
+    conversation_settings_check. The next reply uses them: its reply_start reads both.
+
+    Not activity: updated_at (the sidebar's order, newest first) stays as the last message
+    left it, which save() and its auto_now would not."""
+    conversation_settings_check(conversation=conversation, model=model, system_prompt=system_prompt)
+    changes = {
+        field: value
+        for field, value in (
+            ("title", None if title is None else title.strip()),
+            ("model", None if model is None else model.strip()),
+            ("system_prompt", system_prompt),
+        )
+        if value is not None
+    }
+    Conversation.objects.filter(pk=conversation.pk).update(**changes)
+    conversation.refresh_from_db()
+    return conversation
 
 
 def user_priority(*, user: User) -> str:

@@ -264,6 +264,16 @@ def limits(settings: Settings) -> Settings:
 
 
 @pytest.fixture
+def offered_models(settings: Settings) -> list[str]:
+    """A deployment with a real provider (not the demo model) offering two models, the
+    default (fake-model, as in service_env) first."""
+    settings.OPENAI_API_KEY = "test-key"
+    settings.LLM_MODEL = "fake-model"
+    settings.LLM_MODELS = ["fake-model", "fake-large"]
+    return list(settings.LLM_MODELS)
+
+
+@pytest.fixture
 def alice(transactional_db: None) -> User:
     return User.objects.create_user("alice", password="alice-password-1")
 

@@ -243,10 +243,10 @@ def test_it_lists_conversations_newest_first(alice):
     assert [c["title"] for c in response.json()["results"]] == ["newest", "middle", "oldest"]
 
 
-def test_it_creates_a_conversation(alice):
+def test_it_creates_a_conversation(alice, offered_models):
     response = client_as(alice).post(
         CONVERSATIONS_URL,
-        {"title": "Bears", "system_prompt": "You are a bear.", "model": "gpt-4o-mini"},
+        {"title": "Bears", "system_prompt": "You are a bear.", "model": "fake-large"},
         format="json",
     )
     assert response.status_code == 201
@@ -255,7 +255,7 @@ def test_it_creates_a_conversation(alice):
     assert conversation.owner == alice
     assert body["title"] == "Bears"
     assert body["system_prompt"] == "You are a bear."
-    assert body["model"] == "gpt-4o-mini"
+    assert body["model"] == "fake-large"
     assert set(body) == {"id", "title", "model", "system_prompt", "created_at", "updated_at"}
 
 
@@ -356,16 +356,16 @@ def test_it_renames_a_conversation_without_moving_it_in_the_list(alice):
     assert [c["title"] for c in listed] == ["Newer", "New name"]
 
 
-def test_it_changes_the_system_prompt_and_model_of_a_conversation(alice):
+def test_it_changes_the_system_prompt_and_model_of_a_conversation(alice, offered_models):
     conversation = conversation_create(owner=alice)
     response = client_as(alice).patch(
         conversation_url(conversation.id),
-        {"system_prompt": "You are a bear.", "model": "gpt-4o-mini"},
+        {"system_prompt": "You are a bear.", "model": "fake-large"},
         format="json",
     )
     assert response.status_code == 200
     conversation.refresh_from_db()
-    assert (conversation.system_prompt, conversation.model) == ("You are a bear.", "gpt-4o-mini")
+    assert (conversation.system_prompt, conversation.model) == ("You are a bear.", "fake-large")
 
 
 def test_it_refuses_a_new_title_over_200_characters(alice):
@@ -1120,6 +1120,7 @@ def test_it_serves_a_schema_that_validates_and_names_every_endpoint(tmp_path):
         ("/api/conversations/{conversation_id}/messages/", "post"),
         ("/api/conversations/{conversation_id}/messages/{message_id}/", "get"),
         ("/api/conversations/{conversation_id}/replies/{job_id}/cancel/", "post"),
+        ("/api/models/", "get"),
         ("/api/replies/{job_id}/stream", "get"),
     }
     send_op = schema["paths"]["/api/conversations/{conversation_id}/messages/"]["post"]
