@@ -16,7 +16,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods, require_safe
 
 from chat.models import Conversation
-from chat.services import conversation_create
+from chat.services import ModelChoices, conversation_create, model_choices
 from chat.sidebar import UNTITLED, SidebarConversation, sidebar_conversations
 from llmworker.providers import demo_mode_active
 
@@ -92,5 +92,17 @@ def conversation_detail(
             "ws_path": f"/ws/chat/{conversation.id}/",
             "demo_model": demo_mode_active(),
             "max_message_chars": settings.CHAT_MAX_MESSAGE_CHARS,
+            "model_options": model_options(choices=model_choices(), kept=conversation.model),
         },
     )
+
+
+def model_options(*, choices: ModelChoices, kept: str) -> list[tuple[str, str]]:
+    """The settings panel's models, as (value, label): the default first, then the others
+    (the default named again would only pin it). The conversation's own model stays listed
+    when it is no longer offered, so that saving the system prompt alone keeps it."""
+    options = [("", f"Default ({choices.default})")]
+    options += [(name, name) for name in choices.models if name != choices.default]
+    if kept and kept not in (value for value, _ in options):
+        options.append((kept, kept if kept in choices.models else f"{kept} (no longer offered)"))
+    return options

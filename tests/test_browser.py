@@ -56,7 +56,8 @@ def module_services(
 ) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
     """One daphne and one worker for the module: starting them takes seconds a test. Each
     test still starts from an empty database and none of the run's Redis keys."""
-    env = service_env_for(fake_llm_server)
+    # Two models to choose from in a conversation's settings (fake-model is the default).
+    env = {**service_env_for(fake_llm_server), "LLM_MODELS": "fake-model,fake-large"}
     web = daphne_start(env=env, port=free_port())
     worker = worker_start(env=env, name=f"browser-{RUN_ID}")
     yield web, worker
@@ -531,6 +532,71 @@ def test_it_can_be_used_by_keyboard_alone(open_tab, alice, fake_llm):
     page.keyboard.press("Enter")
     expect(page.locator("#transcript li.msg-user")).to_have_text(re.compile("Hello\nagain"))
     expect(page.locator(ANSWER).last).to_have_attribute("data-status", "complete")
+
+
+# --- A conversation's settings ----------------------------------------------------------
+
+
+def test_it_answers_with_the_model_and_system_prompt_chosen_in_the_settings(
+    open_tab, alice, fake_llm
+):
+    fake_llm.default = Behaviour(reply="Grr, hello.")
+    conversation = conversation_create(owner=alice, title="Bear talk")
+    tab = open_tab(alice)
+    page = chat_page(tab, conversation)
+    button = page.get_by_role("button", name="Settings", exact=True)
+    panel = page.get_by_role("dialog", name="Conversation settings")
+
+    button.click()
+    expect(panel).to_be_visible()
+    expect(panel.get_by_label("Model")).to_be_focused()
+    panel.get_by_label("System prompt").fill("Forgotten on Escape.")
+    page.keyboard.press("Escape")
+    expect(panel).to_be_hidden()
+    expect(button).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(panel.get_by_label("System prompt")).to_have_value("")
+    panel.get_by_label("Model").select_option("fake-large")
+    panel.get_by_label("System prompt").fill("You are a grizzly bear.")
+    screenshot(page, "settings")
+    panel.get_by_role("button", name="Save").click()
+    expect(panel).to_be_hidden()
+    expect(button).to_be_focused()
+    expect(page.locator("#system-prompt")).to_contain_text("You are a grizzly bear.")
+    send(page, "Who are you?")
+    expect(page.locator(ANSWER).last).to_have_attribute("data-status", "complete")
+
+    request = fake_llm.requests[-1]
+    assert request["model"] == "fake-large"
+    assert request["messages"][0] == {"role": "system", "content": "You are a grizzly bear."}
+    page.reload()
+    button.click()
+    expect(panel.get_by_label("Model")).to_have_value("fake-large")
+    expect(panel.get_by_label("System prompt")).to_have_value("You are a grizzly bear.")
+    panel.get_by_role("button", name="Cancel").click()
+    expect(button).to_be_focused()
+    assert tab.errors == []
+
+
+def test_it_fits_the_settings_panel_in_a_phone_screen_and_says_what_it_refused(
+    open_tab, alice, fake_llm
+):
+    conversation = conversation_create(owner=alice, title="Small screen")
+    page = chat_page(open_tab(alice, width=390, height=844), conversation)
+    page.get_by_role("button", name="Settings", exact=True).click()
+    panel = page.get_by_role("dialog", name="Conversation settings")
+    expect(panel).to_be_visible()
+
+    box = panel.bounding_box()
+    assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390
+    # A model the server no longer offers (the page is older than the configuration).
+    panel.get_by_label("Model").evaluate(
+        "select => { select.add(new Option('gpt-9', 'gpt-9')); select.value = 'gpt-9'; }"
+    )
+    panel.get_by_role("button", name="Save").click()
+    expect(panel.get_by_role("alert")).to_contain_text("'gpt-9' is not offered here")
+    expect(panel).to_be_visible()
+    assert Conversation.objects.get(id=conversation.id).model == ""
 
 
 # --- Rendering cost -----------------------------------------------------------------------

@@ -2,12 +2,14 @@
 the checks of chat/services.py behind the REST API and the chat page's panel, and the next
 reply asking the model server for them."""
 
+import re
 import uuid
 
 import pytest
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import ValidationError
+from django.test import Client
 from rest_framework.test import APIClient
 from rest_framework_simplejwt.tokens import AccessToken
 
@@ -163,6 +165,42 @@ def test_it_returns_404_for_changing_another_users_settings(alice, bob, offered_
 
 def test_it_returns_404_for_the_settings_of_an_unknown_conversation(alice, offered_models):
     assert patched(alice, Conversation(id=uuid.uuid4()), model="").status_code == 404
+
+
+# --- The chat page's panel ----------------------------------------------------------------
+
+OPTION = re.compile(r'<option value="([^"]*)"( selected)?>([^<]*)</option>')
+
+
+def panel_options(user, conversation) -> list[tuple[str, bool, str]]:
+    client = Client()
+    client.force_login(user)
+    html = client.get(f"/c/{conversation.id}/").content.decode()
+    return [(value, bool(selected), label) for value, selected, label in OPTION.findall(html)]
+
+
+def test_it_offers_the_default_first_then_the_other_models(alice, offered_models):
+    conversation = conversation_create(owner=alice, model="fake-large")
+    assert panel_options(alice, conversation) == [
+        ("", False, "Default (fake-model)"),
+        ("fake-large", True, "fake-large"),
+    ]
+
+
+def test_it_selects_the_default_of_a_conversation_that_names_no_model(alice, offered_models):
+    conversation = conversation_create(owner=alice)
+    assert panel_options(alice, conversation)[0] == ("", True, "Default (fake-model)")
+
+
+def test_it_shows_a_model_no_longer_offered_as_such(alice, offered_models):
+    conversation = conversation_create(owner=alice, model="bear-0")
+    assert panel_options(alice, conversation)[-1] == ("bear-0", True, "bear-0 (no longer offered)")
+
+
+def test_it_offers_the_demo_model_alone_in_demo_mode(alice, settings):
+    settings.OPENAI_API_KEY = ""
+    conversation = conversation_create(owner=alice)
+    assert panel_options(alice, conversation) == [("", True, "Default (grizz-demo)")]
 
 
 # --- The next reply -------------------------------------------------------------------------

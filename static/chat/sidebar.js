@@ -1,7 +1,8 @@
 /*
  * The sidebar of conversations: the phone-width toggle, the search over titles, rename and
  * delete (through PATCH / DELETE /api/conversations/<id>/ with the session and its CSRF
- * token). chat.js tells it of a first message sent (GrizzSidebar.conversationSent).
+ * token). chat.js tells it of a first message sent (GrizzSidebar.conversationSent);
+ * settings.js saves through its `api` (GrizzSidebar.api).
  */
 (function () {
   "use strict";
@@ -243,5 +244,5 @@
   }
 
   bindEvents();
-  window.GrizzSidebar = { conversationSent: conversationSent };
+  window.GrizzSidebar = { conversationSent: conversationSent, api: api };
 })();
