@@ -1,7 +1,8 @@
 /*
  * The sidebar of conversations: the phone-width toggle, the search over titles, rename and
  * delete (through PATCH / DELETE /api/conversations/<id>/ with the session and its CSRF
- * token). chat.js tells it of a first message sent (GrizzSidebar.conversationSent).
+ * token). chat.js tells it of a first message sent (GrizzSidebar.conversationSent) and of a
+ * title the model wrote (GrizzSidebar.conversationTitled).
  */
 (function () {
   "use strict";
@@ -144,6 +145,7 @@
     const before = titleOf(item);
     setTitle(item, title);
     item.removeAttribute("data-untitled");
+    item.setAttribute("data-renamed", ""); // A title from the model comes too late now.
     try {
       const response = await api("PATCH", item.dataset.conversationId, { title: title });
       if (!response.ok) {
@@ -201,10 +203,14 @@
   // ---------------------------------------------------------------------------------------
   // Told by chat.js: a message was sent in the open conversation.
 
-  function conversationSent(id, content) {
-    const item = els.list.querySelector(
+  function itemFor(id) {
+    return els.list.querySelector(
       '.conversation-item[data-conversation-id="' + CSS.escape(String(id)) + '"]'
     );
+  }
+
+  function conversationSent(id, content) {
+    const item = itemFor(id);
     if (!item) {
       return;
     }
@@ -214,6 +220,17 @@
     }
     els.list.prepend(item); // Newest first: it is now the most recently active.
     filter();
+  }
+
+  // Told by chat.js: the conversation has a title (the model's, or one given elsewhere). A
+  // name the user gave it on this page meanwhile wins, as it does on the server.
+  function conversationTitled(id, title) {
+    const item = itemFor(id);
+    if (item && title && !item.hasAttribute("data-renamed")) {
+      item.removeAttribute("data-untitled");
+      setTitle(item, title);
+      filter();
+    }
   }
 
   function bindEvents() {
@@ -243,5 +260,8 @@
   }
 
   bindEvents();
-  window.GrizzSidebar = { conversationSent: conversationSent };
+  window.GrizzSidebar = {
+    conversationSent: conversationSent,
+    conversationTitled: conversationTitled,
+  };
 })();
