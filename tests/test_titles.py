@@ -13,7 +13,9 @@ from rest_framework.test import APIClient
 from chat.models import Conversation, Message
 from chat.services import conversation_create
 from chat.sidebar import sidebar_conversations, title_from_message
-from llmworker.titles import MAX_TOKENS, title_clean
+from llmworker.breaker import breaker_for
+from llmworker.providers import OpenAIProvider
+from llmworker.titles import MAX_TOKENS, FirstAnswer, TitleWriter, title_clean
 from tests.support.fake_openai import Behaviour
 from tests.support.metrics import scrape
 from tests.support.processes import ServiceProcess, free_port
@@ -190,6 +192,34 @@ async def test_it_asks_the_demo_model_for_no_title(alice, fake_llm, start_worker
     assert conversation.title == ""
     assert await _sidebar_title(alice, conversation) == title_from_message(QUESTION)
     await tab.close()
+
+
+@pytest.mark.asyncio
+async def test_it_asks_for_no_title_while_the_providers_circuit_is_open(alice, fake_llm, settings):
+    conversation = await _untitled(alice)
+    provider = OpenAIProvider(api_key="test-key", base_url=fake_llm.base_url, timeout=5)
+    breaker = breaker_for(provider.base_url)
+    for _ in range(settings.LLM_BREAKER_FAILURES):
+        permit = breaker.admit()
+        assert permit is not None
+        permit.failed()
+    writer = TitleWriter(provider=provider)
+
+    writer.write(
+        FirstAnswer(
+            conversation_id=str(conversation.id),
+            model="fake-model",
+            question=QUESTION,
+            answer=REPLY,
+        )
+    )
+    await writer.aclose()
+    await provider.aclose()
+
+    assert breaker.state() == "open"
+    assert fake_llm.requests == []
+    await conversation.arefresh_from_db()
+    assert conversation.title == ""
 
 
 @pytest.mark.parametrize(
