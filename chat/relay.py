@@ -121,6 +121,8 @@ class ReplyRelay(AsyncJsonWebsocketConsumer):
     async def _relay(self, frame: dict[str, Any], raw: str) -> None:
         if frame["type"] == "user_message":
             return await self._relay_user_message(frame)
+        if frame["type"] == "title":  # the conversation's, not a reply's: no seq
+            return await self.send(text_data=raw)
         job_id, seq = frame["job_id"], frame["seq"]
         if job_id in self.awaiting_resume:
             if frame_ends_reply(frame):

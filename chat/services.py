@@ -209,6 +209,18 @@ def conversation_active_job(*, conversation_id: uuid.UUID | str) -> str | None:
     return str(job_id) if job_id else None
 
 
+def conversation_untitled(*, conversation_id: uuid.UUID | str) -> bool:
+    """Whether the conversation has no title (neither its owner's nor a generated one)."""
+    return Conversation.objects.filter(id=conversation_id, title="").exists()
+
+
+def conversation_title_generated(*, conversation_id: uuid.UUID | str, title: str) -> bool:
+    """Give an untitled conversation the title the model wrote. False when it has a title
+    by now: a user who named it meanwhile keeps their name. Through update(), not save():
+    a title is not activity, so updated_at (the sidebar's order) stays as it was."""
+    return Conversation.objects.filter(id=conversation_id, title="").update(title=title) == 1
+
+
 # --- Review: the queries behind the admin's conversation pages ---------------------------
 
 

@@ -96,6 +96,7 @@ class WorkerMetrics:
     circuit_state: Gauge
     slots_busy: Gauge
     slots_free: Gauge
+    titles: Counter
 
     def reply(self, outcome: str, count: int = 1) -> None:
         self.replies[outcome].inc(count)
@@ -167,6 +168,9 @@ def worker() -> WorkerMetrics:
             "grizz_worker_slots_free",
             "Replies a worker could still take (--concurrency less those running)",
             multiprocess_mode="livesum",
+        ),
+        titles=Counter(
+            "grizz_titles", "Conversation titles by outcome (see docs/metrics.md)", ["outcome"]
         ),
     )
 

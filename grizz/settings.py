@@ -394,6 +394,12 @@ LLM_BREAKER_RESET_SECONDS = envfloat("LLM_BREAKER_RESET_SECONDS", 30.0, minimum=
 # A reply whose provider sends nothing for this long, across its retries, fails with
 # `timeout`. Longer than LLM_REQUEST_TIMEOUT_SECONDS leaves room to retry a stalled request.
 LLM_RESULT_TIMEOUT_SECONDS = envfloat("LLM_RESULT_TIMEOUT_SECONDS", 120.0, minimum=0.1)
+# After a conversation's first answer the worker asks the model for a short title (a small
+# request of its own, after the reply is saved and acknowledged; docs/titles.md); off, or
+# when it fails, the sidebar shows the first words of the first message. The request may
+# take at most this long, the wait for a free title slot included.
+LLM_TITLES = envbool("LLM_TITLES", True)
+LLM_TITLE_TIMEOUT_SECONDS = envfloat("LLM_TITLE_TIMEOUT_SECONDS", 10.0, minimum=0.1)
 
 # Metrics (grizz/metrics.py). The web's /metrics answers a request bearing this token
 # (`Authorization: Bearer ...`), or a staff session; anyone else gets a 404. Empty: staff only.

@@ -56,6 +56,15 @@ class Result:
     attempts: int = 0
 
 
+@dataclass(frozen=True)
+class Answered:
+    """A reply that completed: what it was asked and what it said (for its title)."""
+
+    prompt: list[dict[str, str]]
+    model: str
+    content: str
+
+
 class CancelledByUser(Exception):
     pass
 
@@ -151,6 +160,7 @@ class ReplyGeneration:
     first_token_at: float | None = None
     # The sockets were told the provider is unavailable, and nothing has come since.
     told_unavailable: bool = False
+    answered: Answered | None = None  # set once the reply is complete and its done sent
 
     def __post_init__(self) -> None:
         # Shared by every job of the process that calls the same provider.
@@ -213,6 +223,7 @@ class ReplyGeneration:
         await self.publisher.done(
             reply_id=self.job.reply_id, status="complete", content=content, usage=self.usage
         )
+        self.answered = Answered(prompt=start.prompt, model=start.model, content=content)
         fields = self._outcome_fields("complete", content)
         logger.info(
             "job %s: complete in %d ms, %d tokens, the first token after %s ms",

@@ -62,6 +62,9 @@ class Provider(Protocol):
         self, *, messages: list[dict[str, str]], model: str
     ) -> AsyncGenerator[Chunk, None]: ...
 
+    async def complete(self, *, messages: list[dict[str, str]], model: str, max_tokens: int) -> str:
+        """A small answer, whole (not streamed): a conversation's title (titles.py)."""
+
     async def aclose(self) -> None:
         """Close the provider's connections (the worker is stopping)."""
 
@@ -137,21 +140,38 @@ class OpenAIProvider:
                         break
                     yield _chunk_from_data(data)
                 await _rest_read(lines)
-        except openai.APIStatusError as error:
-            raise ProviderError(
-                f"The model provider refused the request ({error.status_code})",
-                provider_text=_error_text(error),
-                retryable=error.status_code in (408, 409, 429) or error.status_code >= 500,
-                retry_after=_retry_after(error.response.headers),
-                kind="status",
-                status=error.status_code,
-            ) from error
-        except (openai.APIConnectionError, httpx2.RequestError) as error:
-            # The client maps errors of the request; those of reading its stream are httpx's.
-            raise ProviderError(
-                f"The model provider could not be reached or broke off: {_first_cause(error)!r}",
-                retryable=True,
-            ) from error
+        except _CLIENT_ERRORS as error:
+            raise _provider_error(error) from error
+
+    async def complete(self, *, messages: list[dict[str, str]], model: str, max_tokens: int) -> str:
+        # Parsed by the client: one small answer, not a chunk per token.
+        try:
+            completion = await self.client.chat.completions.create(
+                model=model, messages=[], extra_body={"messages": messages}, max_tokens=max_tokens
+            )
+        except _CLIENT_ERRORS as error:
+            raise _provider_error(error) from error
+        return "".join(choice.message.content or "" for choice in completion.choices[:1])
+
+
+# The client maps errors of the request; those of reading its stream are httpx's.
+_CLIENT_ERRORS = (openai.APIStatusError, openai.APIConnectionError, httpx2.RequestError)
+
+
+def _provider_error(error: Exception) -> ProviderError:
+    if isinstance(error, openai.APIStatusError):
+        return ProviderError(
+            f"The model provider refused the request ({error.status_code})",
+            provider_text=_error_text(error),
+            retryable=error.status_code in (408, 409, 429) or error.status_code >= 500,
+            retry_after=_retry_after(error.response.headers),
+            kind="status",
+            status=error.status_code,
+        )
+    return ProviderError(
+        f"The model provider could not be reached or broke off: {_first_cause(error)!r}",
+        retryable=True,
+    )
 
 
 def _first_cause(error: BaseException) -> BaseException:
@@ -278,6 +298,10 @@ class DemoProvider:
 
     async def aclose(self) -> None:
         pass
+
+    async def complete(self, *, messages: list[dict[str, str]], model: str, max_tokens: int) -> str:
+        # Nothing to ask: a conversation keeps the first words of its first message.
+        return ""
 
     async def stream(
         self, *, messages: list[dict[str, str]], model: str

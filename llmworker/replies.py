@@ -397,6 +397,13 @@ async def reply_cancel_request(*, job_id: str) -> None:
         await pipe.execute()
 
 
+async def conversation_title_announce(*, conversation_id: str, title: str) -> None:
+    """Tell the sockets open on a conversation its new title. Live only, not in any replay
+    log: a page opened later renders the title from PostgreSQL."""
+    frame = {"type": "title", "conversation_id": conversation_id, "title": title}
+    await redis_get().publish(conversation_channel(conversation_id), _json(frame))
+
+
 async def reply_replay(*, job_id: str, after: int) -> list[tuple[int, str]]:
     """The frames of a reply with seq > after, in order: (seq, JSON text) each."""
     entries = cast(

@@ -34,6 +34,7 @@ from llmworker.redis import (
 )
 from llmworker.replies import ReplyPublisher
 from llmworker.snapshots import SnapshotTaker, snapshot_publish, snapshot_remove
+from llmworker.titles import first_answer, title_writer_for
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class Worker:
         self.metrics = metrics.worker()
         self.metrics.slots_free.set(concurrency)
         self.snapshots = SnapshotTaker(name=name, concurrency=concurrency)
+        self.titles = title_writer_for(self.provider)
 
     # The loop
 
@@ -123,6 +125,8 @@ class Worker:
         with contextlib.suppress(*TRANSIENT_ERRORS):
             await snapshot_remove(self.name)
         await cancels
+        if self.titles is not None:
+            await self.titles.aclose()
         await self.provider.aclose()
         logger.info("worker %s: stopped", self.name)
 
@@ -253,6 +257,21 @@ class Worker:
         except TRANSIENT_ERRORS as error:
             # Still pending: the next delivery finds the reply finished and just settles it.
             logger.warning("job %s: not acknowledged (%s)", delivery.job.job_id, error)
+        self._title_write(delivery.job, generation)
+
+    def _title_write(self, job: Job, generation: ReplyGeneration) -> None:
+        """After the reply's done frame and its ack: a title never delays a reply."""
+        answered = generation.answered
+        if self.titles is None or answered is None:
+            return
+        first = first_answer(
+            conversation_id=job.conversation_id,
+            model=answered.model,
+            prompt=answered.prompt,
+            answer=answered.content,
+        )
+        if first is not None:
+            self.titles.write(first)
 
     async def _settle(self, delivery: Delivery, result: Result) -> None:
         assert delivery.job is not None

@@ -80,7 +80,8 @@ def _redis_keys_delete() -> None:
     import redis
 
     client = redis.Redis.from_url(settings.REDIS_URL)
-    for pattern in (f"{{{settings.REDIS_KEY_PREFIX}}}*", f"{settings.REDIS_KEY_PREFIX}:*"):
+    # "{prefix*": the keys of processes a test runs under a prefix of its own (prefix-...) too.
+    for pattern in (f"{{{settings.REDIS_KEY_PREFIX}*", f"{settings.REDIS_KEY_PREFIX}:*"):
         for key in client.scan_iter(match=pattern, count=1000):
             client.delete(key)
     client.close()
@@ -181,6 +182,9 @@ def service_env_for(fake_llm: FakeOpenAI) -> dict[str, str]:
         # Quick retries: the tests check that they happen, not how long they wait.
         "LLM_RETRY_BASE_SECONDS": "0.05",
         "LLM_RETRY_MAX_SECONDS": "0.5",
+        # Off but where a test turns them on (tests/test_titles.py): a title is one more
+        # request to the fake model, which would take a behaviour scripted for a reply.
+        "LLM_TITLES": "0",
         "DJANGO_SECRET_KEY": settings.SECRET_KEY,
         "DJANGO_DEBUG": "0",
         "PYTHONUNBUFFERED": "1",

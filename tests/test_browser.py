@@ -201,6 +201,36 @@ def test_it_names_the_conversation_after_its_first_message(open_tab, alice, fake
     expect(page.locator(".conversation-item.is-current .conversation-title")).to_have_text(title)
 
 
+def test_it_shows_the_title_the_model_writes_without_a_reload(
+    open_tab, alice, fake_llm, start_daphne, start_worker
+):
+    # Processes of its own with titles on, under a Redis key prefix of their own: the
+    # module's worker (titles off) never takes this test's job.
+    own = {"REDIS_KEY_PREFIX": f"{settings.REDIS_KEY_PREFIX}-titles", "LLM_TITLES": "1"}
+    web = start_daphne(**own)
+    start_worker("browser-titles", env=own)
+    fake_llm.enqueue(
+        Behaviour(reply="Mostly grass, roots and winter-killed elk."),
+        Behaviour(reply='"Grizzly diet in spring."'),
+    )
+    conversation = conversation_create(owner=alice)
+    page = open_tab(alice).page
+    page.goto(f"http://127.0.0.1:{web.port}/c/{conversation.id}/")
+    expect(page.locator("#connection-status")).to_have_text("Connected")
+    page.evaluate("window.sameDocument = true")
+
+    send(page, "What do grizzly bears eat in the spring?")
+
+    title = "Grizzly diet in spring"
+    expect(page.locator(".conversation-item.is-current .conversation-title")).to_have_text(title)
+    expect(page.locator("#chat-title")).to_have_text(title)
+    expect(page).to_have_title(f"{title} · Grizz")
+    assert page.evaluate("window.sameDocument") is True  # no reload
+    assert answer_text(page) == "Mostly grass, roots and winter-killed elk."
+    page.reload()
+    expect(page.locator(".conversation-item.is-current .conversation-title")).to_have_text(title)
+
+
 # --- Streaming and Markdown ---------------------------------------------------------------
 
 

@@ -257,6 +257,7 @@
     restart: onStreamFrame,
     done: onDone,
     error: onError,
+    title: onTitle,
     pong: function () {},
   };
 
@@ -325,6 +326,13 @@
       }
     }
     startReply(frame.job_id, frame.reply_id);
+  }
+
+  // The model titled the conversation, after its first answer.
+  function onTitle(frame) {
+    if (window.GrizzSidebar) {
+      window.GrizzSidebar.conversationTitled(frame.conversation_id, frame.title);
+    }
   }
 
   function startReply(jobId, replyId) {
@@ -561,6 +569,14 @@
     const fresh = doc.getElementById("transcript");
     if (fresh) {
       mergeTranscript(readMessages(fresh));
+    }
+    // A title frame sent while we were away: the page as rendered now has the title.
+    const titled = doc.querySelector(".conversation-item.is-current:not([data-untitled])");
+    if (titled) {
+      onTitle({
+        conversation_id: root.dataset.conversationId,
+        title: titled.querySelector(".conversation-title").textContent,
+      });
     }
   }
 

@@ -1,8 +1,9 @@
 /*
  * The sidebar of conversations: the phone-width toggle, the search over titles, rename and
  * delete (through PATCH / DELETE /api/conversations/<id>/ with the session and its CSRF
- * token). chat.js tells it of a first message sent (GrizzSidebar.conversationSent);
- * settings.js saves through its `api` (GrizzSidebar.api).
+ * token). chat.js tells it of a first message sent (GrizzSidebar.conversationSent) and of a
+ * title the model wrote (GrizzSidebar.conversationTitled); settings.js saves through its
+ * `api` (GrizzSidebar.api).
  */
 (function () {
   "use strict";
@@ -145,6 +146,7 @@
     const before = titleOf(item);
     setTitle(item, title);
     item.removeAttribute("data-untitled");
+    item.setAttribute("data-renamed", ""); // A title from the model comes too late now.
     try {
       const response = await api("PATCH", item.dataset.conversationId, { title: title });
       if (!response.ok) {
@@ -202,10 +204,14 @@
   // ---------------------------------------------------------------------------------------
   // Told by chat.js: a message was sent in the open conversation.
 
-  function conversationSent(id, content) {
-    const item = els.list.querySelector(
+  function itemFor(id) {
+    return els.list.querySelector(
       '.conversation-item[data-conversation-id="' + CSS.escape(String(id)) + '"]'
     );
+  }
+
+  function conversationSent(id, content) {
+    const item = itemFor(id);
     if (!item) {
       return;
     }
@@ -215,6 +221,17 @@
     }
     els.list.prepend(item); // Newest first: it is now the most recently active.
     filter();
+  }
+
+  // Told by chat.js: the conversation has a title (the model's, or one given elsewhere). A
+  // name the user gave it on this page meanwhile wins, as it does on the server.
+  function conversationTitled(id, title) {
+    const item = itemFor(id);
+    if (item && title && !item.hasAttribute("data-renamed")) {
+      item.removeAttribute("data-untitled");
+      setTitle(item, title);
+      filter();
+    }
   }
 
   function bindEvents() {
@@ -244,5 +261,9 @@
   }
 
   bindEvents();
-  window.GrizzSidebar = { conversationSent: conversationSent, api: api };
+  window.GrizzSidebar = {
+    conversationSent: conversationSent,
+    conversationTitled: conversationTitled,
+    api: api,
+  };
 })();

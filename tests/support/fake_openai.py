@@ -62,7 +62,8 @@ class Behaviour:
     hang: bool = False  # accept the request, never answer, until the client leaves
     hang_after: int | None = None  # send N tokens, then stall with the connection open
     cut_after: int | None = None  # send N tokens, then drop the connection mid-body
-    hold_after: int | None = None  # send N tokens, then wait for ``FakeOpenAI.release()``
+    # Send N tokens, then wait for ``FakeOpenAI.release()`` (not streamed: wait, then answer).
+    hold_after: int | None = None
     open_after_done: bool = False  # send [DONE], then keep the response open, never ending it
     usage: bool = True  # report usage (streams only when ``include_usage`` is asked)
 
@@ -844,6 +845,8 @@ async def _answer_whole(
     if behaviour.hang_after is not None:
         await exchange.hang()
     await exchange.pause(behaviour.ttft + behaviour.interval * max(len(tokens) - 1, 0))
+    if behaviour.hold_after is not None:
+        await exchange.hold()
     if behaviour.cut_after is not None:
         exchange.abort()  # there is no partial JSON worth sending: just drop the line
         return False
