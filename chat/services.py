@@ -34,6 +34,7 @@ from django.utils import timezone
 
 from chat import portable
 from chat.models import Conversation, Message
+from grizz.database import statement_rows
 from llmworker.admission import user_release
 from llmworker.providers import demo_mode_active, model_default
 from llmworker.redis import redis_get
@@ -154,18 +155,17 @@ def conversation_open_for_user(
     if not _on_postgresql():
         found = portable.user_with_conversation(user_id=user_id, conversation_id=conversation_id)
         return OpenedConversation(*found) if found else None
-    with connection.cursor() as cursor:
-        cursor.execute(
-            _CONVERSATION_OPEN_SQL,
-            {
-                "user_id": user_id,
-                "conversation_id": uuid.UUID(str(conversation_id)) if conversation_id else None,
-                "active": list(Message.ACTIVE_STATUSES),
-            },
-        )
-        row = cursor.fetchone()
-    if row is None:
+    rows = statement_rows(
+        _CONVERSATION_OPEN_SQL,
+        {
+            "user_id": user_id,
+            "conversation_id": uuid.UUID(str(conversation_id)) if conversation_id else None,
+            "active": list(Message.ACTIVE_STATUSES),
+        },
+    )
+    if not rows:
         return None
+    row = rows[0]
     user = User.from_db(connection.alias, _USER_FIELDS, row[: len(_USER_FIELDS)])
     *values, job_id = row[len(_USER_FIELDS) :]
     if values[0] is None:  # the conversation's id: the outer join found none
@@ -352,9 +352,9 @@ def _messages_insert(*, conversation: Conversation, message: Message, reply: Mes
         )
     # Within a caller's transaction, a savepoint keeps a refused insert from aborting it.
     savepoint = transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext()
-    with savepoint, connection.cursor() as cursor:
-        cursor.execute(_MESSAGES_INSERT_SQL, values)
-        message.position, reply.position = sorted(position for (position,) in cursor.fetchall())
+    with savepoint:
+        rows = statement_rows(_MESSAGES_INSERT_SQL, values)
+    message.position, reply.position = sorted(position for (position,) in rows)
     for row in (message, reply):
         row._state.adding = False  # saved: a later save() updates it, as after Model.save()
         row._state.db = connection.alias
@@ -438,22 +438,20 @@ def reply_start(
             error=exhausted_error,
         )
         return ReplyStart(*claim) if claim else None
-    with connection.cursor() as cursor:
-        cursor.execute(
-            _REPLY_START_SQL,
-            {
-                "reply_id": uuid.UUID(str(reply_id)),
-                "entry_id": entry_id,
-                "default_model": default_model,
-                # The attempt about to begin is one too many when the last was the limit.
-                "attempts_allowed": max_attempts or _NO_LIMIT,
-                "exhausted_error": exhausted_error,
-                "now": timezone.now(),
-                "active": list(Message.ACTIVE_STATUSES),
-                "left_out": list(_STATUSES_LEFT_OUT_OF_PROMPTS),
-            },
-        )
-        rows = cursor.fetchall()
+    rows = statement_rows(
+        _REPLY_START_SQL,
+        {
+            "reply_id": uuid.UUID(str(reply_id)),
+            "entry_id": entry_id,
+            "default_model": default_model,
+            # The attempt about to begin is one too many when the last was the limit.
+            "attempts_allowed": max_attempts or _NO_LIMIT,
+            "exhausted_error": exhausted_error,
+            "now": timezone.now(),
+            "active": list(Message.ACTIVE_STATUSES),
+            "left_out": list(_STATUSES_LEFT_OUT_OF_PROMPTS),
+        },
+    )
     if not rows:
         return None
     attempt, model, status, system_prompt = rows[0][:4]

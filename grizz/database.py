@@ -14,13 +14,14 @@ checked before its next use.
 """
 
 import functools
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
 
+import psycopg
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import close_old_connections, connection
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -44,3 +45,20 @@ def database_call(
             close_old_connections()
 
     return sync_to_async(call, thread_sensitive=False, executor=executor or _executor())
+
+
+def statement_rows(sql: str, params: Sequence[Any] | Mapping[str, Any]) -> list[tuple[Any, ...]]:
+    """The rows of one of the hot path's written-out PostgreSQL statements, run on Django's
+    connection of this thread (its transaction, its health check, its error classes) with
+    the parameters bound by the server and, by default, as a prepared statement.
+
+    Django's cursor binds parameters on the client (psycopg's ClientCursor quotes each into
+    the text), and PostgreSQL then parses and plans the whole text at every call. Prepared,
+    a statement is parsed and planned once per connection (docs/performance.md). Set
+    DATABASE_PREPARED_STATEMENTS=0 behind a pooler that cannot keep prepared statements
+    (PgBouncer in transaction mode before 1.21, or without max_prepared_statements)."""
+    connection.close_if_health_check_failed()
+    connection.ensure_connection()
+    with connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cursor:
+        cursor.execute(sql, params, prepare=settings.DATABASE_PREPARED_STATEMENTS)
+        return cursor.fetchall()

@@ -206,6 +206,13 @@ DATABASES = {
 # Threads, each with its own connection, for the database calls of a web or worker process
 # (grizz/database.py).
 DATABASE_THREADS = envint("DATABASE_THREADS", 8, minimum=1)
+# The hot path's statements prepared once per connection (grizz/database.py statement_rows).
+# Off behind a pooler that cannot keep prepared statements (PgBouncer in transaction mode).
+DATABASE_PREPARED_STATEMENTS = envbool("DATABASE_PREPARED_STATEMENTS", True)
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # psycopg prepares nothing with a threshold of None (Django's default), not even a
+    # statement run with prepare=True. One no statement reaches by count: only those are.
+    DATABASES["default"]["OPTIONS"] = {"prepare_threshold": 2**31 - 1}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["OPTIONS"] = {
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",

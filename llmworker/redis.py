@@ -116,7 +116,7 @@ class CommandBatches:
 
     async def run(self, commands: list[Command]) -> list[Any]:
         try:
-            await self.connection.send_packed_command(_packed(commands))
+            await self.connection.send_packed_command(commands_packed(commands))
             return [await self._reply() for _ in commands]
         except BaseException:
             # Replies left unread would answer the next batch: start again on a new one.
@@ -130,7 +130,7 @@ class CommandBatches:
             return error
 
 
-def _packed(commands: list[Command]) -> bytes:
+def commands_packed(commands: list[Command]) -> bytes:
     """The commands in RESP, Redis's wire format."""
     parts: list[bytes] = []
     for command in commands:

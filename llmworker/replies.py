@@ -26,9 +26,11 @@ from redis.exceptions import NoScriptError, RedisError
 
 from grizz import metrics
 from llmworker.redis import (
+    Command,
     CommandBatches,
     StreamEntries,
     cancel_channel,
+    commands_packed,
     conversation_channel,
     redis_get,
     redis_pubsub_client,
@@ -418,6 +420,18 @@ class ReplyListener(Protocol):
     def reply_frames_maybe_missed(self) -> None: ...
 
 
+def _runs(requests: list[tuple[str, str]]) -> list[Command]:
+    """Consecutive requests of one command as one command of several channels, in order:
+    [(SUBSCRIBE, a), (SUBSCRIBE, b), (UNSUBSCRIBE, a)] is SUBSCRIBE a b, UNSUBSCRIBE a."""
+    commands: list[Command] = []
+    for command, channel in requests:
+        if commands and commands[-1][0] == command:
+            commands[-1].append(channel)
+        else:
+            commands.append([command, channel])
+    return commands
+
+
 # How long the hub's connection may carry nothing before the hub checks its health.
 HUB_QUIET_SECONDS = 30
 
@@ -430,18 +444,23 @@ class ReplyHub:
         self.pubsub = client.pubsub()
         self.listeners: dict[str, set[ReplyListener]] = {}
         self.confirmations: dict[str, asyncio.Future[None]] = {}
+        # The channels with listeners that Redis confirmed, on the current connection.
+        self.subscribed: set[str] = set()
         self.reader: asyncio.Task[None] | None = None
         self.heartbeat: asyncio.Task[None] | None = None
+        # (Un)subscriptions not yet written, in the order they were asked for, and the one
+        # task that writes them: the only writer of the connection besides the heartbeat.
+        self.requests: list[tuple[str, str]] = []
+        self.writer: asyncio.Task[None] | None = None
         # redis-py's PubSub opens its connection lazily, with an await between the check and
-        # the assignment: concurrent first subscribes would each open one, and all but the
-        # last would be lost. One subscribe at a time.
-        self.subscribing = asyncio.Lock()
+        # the assignment: the writer and a reconnection must not each open one.
+        self.connecting = asyncio.Lock()
 
     async def join(self, *, conversation_id: str, listener: ReplyListener) -> None:
         channel = conversation_channel(conversation_id)
         listeners = self.listeners.setdefault(channel, set())
         listeners.add(listener)
-        if len(listeners) == 1 or channel in self.confirmations:
+        if channel not in self.subscribed:  # or a subscription in flight: wait for it
             await self._subscribe(channel)
 
     async def leave(self, *, conversation_id: str, listener: ReplyListener) -> None:
@@ -449,9 +468,10 @@ class ReplyHub:
         listeners = self.listeners.get(channel, set())
         listeners.discard(listener)
         if not listeners and self.listeners.pop(channel, None) is not None:
-            # On failure the reader resubscribes only to channels that still have listeners.
-            with contextlib.suppress(RedisError):
-                await self.pubsub.unsubscribe(channel)
+            self.subscribed.discard(channel)
+            # Not waited for: on failure the reader resubscribes only to channels that still
+            # have listeners.
+            self._request("UNSUBSCRIBE", channel)
 
     async def _subscribe(self, channel: str) -> None:
         # Wait until Redis confirms: a frame published after join() returns is then delivered.
@@ -459,10 +479,43 @@ class ReplyHub:
         if confirmation is None:
             confirmation = asyncio.get_running_loop().create_future()
             self.confirmations[channel] = confirmation
-            async with self.subscribing:
-                await self.pubsub.subscribe(channel)
-            self._reader_ensure()
+            self._request("SUBSCRIBE", channel)
         await asyncio.wait_for(asyncio.shield(confirmation), timeout=5)
+
+    def _request(self, command: str, channel: str) -> None:
+        self.requests.append((command, channel))
+        if self.writer is None or self.writer.done():
+            self.writer = asyncio.create_task(self._requests_write(), name="reply-hub-writer")
+
+    async def _requests_write(self) -> None:
+        """Write the (un)subscriptions asked for since the last write, in order, as one
+        write: the sockets of a reconnect wave subscribe in a few commands, not one each.
+        Through redis-py's PubSub.subscribe, each cost the web its retry wrapper, key
+        normalising and bookkeeping, and a write of its own (docs/performance.md)."""
+        while self.requests:
+            requests, self.requests = self.requests, []
+            try:
+                await self._requests_send(requests)
+            except (RedisError, OSError) as error:
+                self._subscriptions_fail(requests, error)
+
+    async def _requests_send(self, requests: list[tuple[str, str]]) -> None:
+        async with self.connecting:
+            if self.pubsub.connection is None:
+                await self.pubsub.connect()  # type: ignore[no-untyped-call]
+        # cast: None until connected, whatever redis-py's annotation says.
+        connection = cast(aioredis.Connection, self.pubsub.connection)
+        if not connection.is_connected:
+            # Lost since: the reader reconnects and resubscribes; these sockets try again.
+            raise ConnectionError("the reply hub's pub/sub connection is closed")
+        self._reader_ensure()
+        await connection.send_packed_command(commands_packed(_runs(requests)), check_health=False)
+
+    def _subscriptions_fail(self, requests: list[tuple[str, str]], error: Exception) -> None:
+        for command, channel in requests:
+            confirmation = self.confirmations.pop(channel, None) if command == "SUBSCRIBE" else None
+            if confirmation is not None and not confirmation.done():
+                confirmation.set_exception(error)
 
     def _reader_ensure(self) -> None:
         if self.reader is None or self.reader.done():
@@ -519,16 +572,18 @@ class ReplyHub:
 
     async def _reconnect(self) -> None:
         metrics.web().hub_reconnects.inc()
-        with contextlib.suppress(RedisError, OSError):
-            await self.pubsub.aclose()
-        self.pubsub = self.redis.pubsub()
-        channels = list(self.listeners)
-        try:
-            if channels:
-                await self.pubsub.subscribe(*channels)
-        except (RedisError, OSError) as error:
-            logger.warning("reply hub could not resubscribe: %s", error)
-            return
+        async with self.connecting:
+            with contextlib.suppress(RedisError, OSError):
+                await self.pubsub.aclose()
+            self.pubsub = self.redis.pubsub()
+            self.subscribed.clear()  # until the new connection confirms them
+            channels = list(self.listeners)
+            try:
+                if channels:
+                    await self.pubsub.subscribe(*channels)
+            except (RedisError, OSError) as error:
+                logger.warning("reply hub could not resubscribe: %s", error)
+                return
         # Frames published while the connection was down are only in the replay logs.
         for listener in self._listeners_of(channels):
             listener.reply_frames_maybe_missed()
@@ -550,6 +605,8 @@ class ReplyHub:
         # ["message", channel, data], ["subscribe", channel, count], ["pong", ...], ...
         kind, channel = reply[0], reply[1]
         if kind == "subscribe":
+            if channel in self.listeners:
+                self.subscribed.add(channel)
             confirmation = self.confirmations.pop(channel, None)
             if confirmation is not None and not confirmation.done():
                 confirmation.set_result(None)

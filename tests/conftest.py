@@ -293,10 +293,13 @@ def conversation(alice: User) -> Conversation:
     return conversation_create(owner=alice, title="Alice's chat")
 
 
-@pytest.fixture(params=["statement", "orm"])
+@pytest.fixture(params=["statement", "unprepared statement", "orm"])
 def both_database_paths(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Runs a test twice: on PostgreSQL's written-out statements of chat/services.py, and on
-    the ORM's steps of chat/portable.py that other databases (the quick start's SQLite) take."""
+    """Runs a test on PostgreSQL's written-out statements of chat/services.py, prepared (the
+    default) and not (DATABASE_PREPARED_STATEMENTS=0), and on the ORM's steps of
+    chat/portable.py that other databases (the quick start's SQLite) take."""
+    if request.param == "unprepared statement":
+        monkeypatch.setattr(settings, "DATABASE_PREPARED_STATEMENTS", False)
     if request.param == "orm":
         from chat import services
 
