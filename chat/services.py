@@ -323,7 +323,7 @@ def message_retract(*, sent: SentMessage) -> None:
         Message.objects.filter(id=sent.superseded.id).update(superseded_at=None)
 
 
-REGENERATE_ONLY_THE_LAST = "Only the last answer can be regenerated."
+_ONLY_THE_LAST_ANSWER = "Only the last answer can be regenerated."
 
 
 def reply_regenerate(
@@ -344,13 +344,11 @@ def reply_regenerate(
     now = timezone.now()
     try:
         with transaction.atomic():
-            last = conversation.messages.select_for_update().order_by("-position").first()
-            question = _question_answered(conversation=conversation, last=last, reply_id=reply_id)
-            assert last is not None  # _question_answered refuses a conversation without one
-            Message.objects.filter(id=last.id).update(superseded_at=now, updated_at=now)
+            old, question = _answer_locked(conversation=conversation, reply_id=reply_id)
+            Message.objects.filter(id=old.id).update(superseded_at=now, updated_at=now)
             reply = Message.objects.create(
                 conversation=conversation,
-                position=last.position + 1,
+                position=old.position + 1,
                 role=Message.Role.ASSISTANT,
                 status=Message.Status.QUEUED,
                 job_id=job_id or uuid.uuid4(),
@@ -358,20 +356,22 @@ def reply_regenerate(
             Conversation.objects.filter(id=conversation.id).update(updated_at=now)
     except IntegrityError:
         raise ConversationBusy() from None
-    last.superseded_at = now
-    return SentMessage(message=question, reply=reply, created=True, superseded=last)
+    old.superseded_at = now
+    return SentMessage(message=question, reply=reply, created=True, superseded=old)
 
 
-def _question_answered(
-    *, conversation: Conversation, last: Message | None, reply_id: uuid.UUID | str
-) -> Message:
-    """The user message the last answer replied to, if `reply_id` is that answer, finished."""
+def _answer_locked(
+    *, conversation: Conversation, reply_id: uuid.UUID | str
+) -> tuple[Message, Message]:
+    """The conversation's last message, locked, if it is the answer `reply_id` and has
+    finished; and the user message it answered."""
+    last = conversation.messages.select_for_update().order_by("-position").first()
     if last is not None and last.status in Message.ACTIVE_STATUSES:
         raise ConversationBusy()
     if last is None or str(last.id) != str(reply_id) or last.role != Message.Role.ASSISTANT:
         known = conversation.messages.filter(id=reply_id).exists()
         raise ReplyNotRegenerable(
-            REGENERATE_ONLY_THE_LAST if known else "No such reply in this conversation."
+            _ONLY_THE_LAST_ANSWER if known else "No such reply in this conversation."
         )
     question = (
         conversation.messages.filter(role=Message.Role.USER, position__lt=last.position)
@@ -379,8 +379,8 @@ def _question_answered(
         .first()
     )
     if question is None or last.superseded:
-        raise ReplyNotRegenerable(REGENERATE_ONLY_THE_LAST)
-    return question
+        raise ReplyNotRegenerable(_ONLY_THE_LAST_ANSWER)
+    return last, question
 
 
 def conversation_transcript(*, conversation: Conversation) -> QuerySet[Message]:
