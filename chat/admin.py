@@ -61,6 +61,11 @@ class MessageColumns:
         before = message.attempts_before_retry
         return f"{message.attempt} ({before} before a retry)" if before else str(message.attempt)
 
+    @admin.display(description="regenerated")
+    def regenerated(self, message: Message) -> str:
+        # Kept for review; the user sees the answer after it instead.
+        return export.SUPERSEDED if message.superseded else self.get_empty_value_display()
+
 
 # Field names only, so the one tuple fits both `fields` and `readonly_fields`.
 MESSAGE_INLINE_FIELDS = (
@@ -73,6 +78,7 @@ MESSAGE_INLINE_FIELDS = (
     "tokens",
     "latency",
     "attempts",
+    "regenerated",
     "created_at",
 )
 

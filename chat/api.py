@@ -30,7 +30,15 @@ from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView
 from chat import services
 from chat.api_errors import ApiError, unavailable
 from chat.models import Conversation, Message
-from chat.turns import CLIENT_MSG_ID_MAX_CHARS, Queued, Refused, Sender, turn_send
+from chat.turns import (
+    CLIENT_MSG_ID_MAX_CHARS,
+    Queued,
+    Refused,
+    Sender,
+    TurnOutcome,
+    turn_regenerate,
+    turn_send,
+)
 
 # The turns of the API, in the announcement other sockets on the conversation get: no socket
 # has this id, so every socket open on the conversation shows the message.
@@ -81,10 +89,27 @@ class UsageSerializer(serializers.Serializer[Any]):
 
 class MessageSerializer(serializers.ModelSerializer[Message]):
     usage = UsageSerializer(read_only=True, allow_null=True, help_text="A finished reply's.")
+    superseded = serializers.BooleanField(
+        read_only=True,
+        help_text=(
+            "An answer replaced by a regenerated one (the reply after it): kept, but left "
+            "out of later prompts and of the chat page."
+        ),
+    )
 
     class Meta:
         model = Message
-        fields = ["id", "role", "content", "status", "job_id", "error", "usage", "created_at"]
+        fields = [
+            "id",
+            "role",
+            "content",
+            "status",
+            "job_id",
+            "error",
+            "usage",
+            "superseded",
+            "created_at",
+        ]
 
 
 class MessageSendSerializer(serializers.Serializer[Any]):
@@ -324,9 +349,13 @@ class MessageListCreate(generics.ListAPIView[Message]):
             content=data.get("content"),
             client_msg_id=data.get("client_msg_id"),
         )
-        if isinstance(outcome, Refused):
-            raise refusal_error(outcome)
-        return Response(TurnSerializer(outcome).data, status=status.HTTP_202_ACCEPTED)
+        return turn_response(outcome)
+
+
+def turn_response(outcome: TurnOutcome) -> Response:
+    if isinstance(outcome, Refused):
+        raise refusal_error(outcome)
+    return Response(TurnSerializer(outcome).data, status=status.HTTP_202_ACCEPTED)
 
 
 def refusal_error(refused: Refused) -> ApiError:
@@ -353,6 +382,34 @@ class MessageDetail(generics.RetrieveAPIView[Message]):
         return Message.objects.filter(
             conversation_id=self.kwargs["conversation_id"], conversation__owner=self.request.user
         )
+
+
+@extend_schema(
+    summary="Regenerate the last answer: a new reply to the same message, in its place",
+    description=(
+        "Like the socket's `regenerate` frame: only the conversation's last answer, once it "
+        "has finished (complete, cancelled or failed). The old answer is kept, marked "
+        "`superseded`, and left out of later prompts. The same admission, limits and queue "
+        "as a send, and the same body: `message` is the user message answered again, "
+        "`reply` the new reply."
+    ),
+    request=None,
+    responses={202: TurnSerializer, **error_responses(400, 401, 404, 409, 429, 503)},
+)
+class MessageRegenerate(APIView):
+    def post(
+        self, request: AuthenticatedRequest, conversation_id: uuid.UUID, message_id: uuid.UUID
+    ) -> Response:
+        conversation = conversation_of(request, conversation_id)
+        # A message of another conversation is a 404, as for GET; any other of this one's
+        # but its last answer is the turn's 400 `invalid`.
+        get_object_or_404(conversation.messages, id=message_id)
+        outcome = async_to_sync(turn_regenerate)(
+            conversation=conversation,
+            sender=Sender(user=request.user, origin=API_ORIGIN),
+            reply_id=message_id,
+        )
+        return turn_response(outcome)
 
 
 # --- Replies ----------------------------------------------------------------------------

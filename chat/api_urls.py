@@ -24,6 +24,11 @@ urlpatterns = [
         name="api-message",
     ),
     path(
+        "conversations/<uuid:conversation_id>/messages/<uuid:message_id>/regenerate/",
+        api.MessageRegenerate.as_view(),
+        name="api-message-regenerate",
+    ),
+    path(
         "conversations/<uuid:conversation_id>/replies/<uuid:job_id>/cancel/",
         api.ReplyCancel.as_view(),
         name="api-reply-cancel",

@@ -19,7 +19,14 @@ from chat import services
 from chat.auth import DATABASE_DOWN, IDENTITY, SocketIdentity
 from chat.models import Conversation, Message
 from chat.relay import UNAVAILABLE_ERRORS, ReplyRelay
-from chat.turns import REDIS_CALL_TIMEOUT, Queued, Sender, turn_send
+from chat.turns import (
+    REDIS_CALL_TIMEOUT,
+    Queued,
+    Sender,
+    TurnOutcome,
+    turn_regenerate,
+    turn_send,
+)
 from grizz import metrics
 from grizz.database import database_call
 from grizz.logs import log_context_bind
@@ -218,6 +225,18 @@ class ChatConsumer(ReplyRelay):
             content=frame.get("content"),
             client_msg_id=frame.get("client_msg_id"),
         )
+        await self._send_outcome(outcome)
+
+    async def _on_regenerate(self, frame: dict[str, Any]) -> None:
+        reply_id = _uuid_or_none(frame.get("reply_id"))
+        if reply_id is None:
+            return await self._error("invalid", "regenerate needs a reply_id.")
+        outcome = await turn_regenerate(
+            conversation=self.followed, sender=self._sender(), reply_id=reply_id
+        )
+        await self._send_outcome(outcome)
+
+    async def _send_outcome(self, outcome: TurnOutcome) -> None:
         if isinstance(outcome, Queued):
             return await self._send_queued(outcome.sent, outcome.queue_position)
         extra = {} if outcome.retry_after is None else {"retry_after": outcome.retry_after}
@@ -238,6 +257,8 @@ class ChatConsumer(ReplyRelay):
             "message_id": str(sent.message.id),
             "reply_id": str(sent.reply.id),
         }
+        if sent.superseded is not None:
+            queued["superseded_reply_id"] = str(sent.superseded.id)
         if queue_position is not None:
             queued["queue_position"] = queue_position
         await self.send_json(queued)
@@ -277,6 +298,7 @@ class ChatConsumer(ReplyRelay):
     frame_handlers = {
         "ping": _on_ping,
         "message": _on_message,
+        "regenerate": _on_regenerate,
         "resume": _on_resume,
         "cancel": _on_cancel,
     }

@@ -48,8 +48,10 @@ def _message_fields(message: Message) -> dict[str, Any]:
         "model": message.model,
         "usage": message.usage,
         "attempts": message.attempt,
+        "superseded": message.superseded,  # replaced by the regenerated answer after it
         "created_at": _timestamp(message.created_at),
         "finished_at": _timestamp(message.finished_at),
+        "superseded_at": _timestamp(message.superseded_at),
         "latency_seconds": None if latency is None else latency.total_seconds(),
     }
 
@@ -73,6 +75,9 @@ def _conversation_markdown(conversation: Conversation) -> str:
     return "\n".join(lines)
 
 
+SUPERSEDED = "replaced by a regenerated answer"
+
+
 def message_heading(message: Message) -> str:
     """`3. Assistant · failed · gpt-4o · 42 tokens · 1.2 s · 2 attempts · <sent at>`: what a
     reviewer wants to know of a message before its content."""
@@ -84,6 +89,7 @@ def message_heading(message: Message) -> str:
             "" if message.total_tokens is None else f"{message.total_tokens} tokens",
             latency_text(message),
             f"{message.attempt} attempt{'' if message.attempt == 1 else 's'}",
+            SUPERSEDED if message.superseded else "",
         ]
         parts += [detail for detail in details if detail]
     parts.append(_timestamp(message.created_at) or "")

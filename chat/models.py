@@ -72,6 +72,9 @@ class Message(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # When a regenerate replaced this answer with a new reply to the same question. The row
+    # is kept for review, but left out of later prompts and of the chat page.
+    superseded_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["conversation", "position"]
@@ -105,6 +108,10 @@ class Message(models.Model):
             "completion_tokens": self.completion_tokens or 0,
             "total_tokens": self.total_tokens,
         }
+
+    @property
+    def superseded(self) -> bool:
+        return self.superseded_at is not None
 
     @property
     def latency(self) -> timedelta | None:

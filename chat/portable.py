@@ -15,6 +15,7 @@ from django.utils import timezone
 from chat.models import Conversation, Message
 
 # A failed reply has no text worth sending back; a cancelled one keeps the part the user saw.
+# (Nor does an answer a regenerate replaced, whatever its status: superseded_at.)
 STATUSES_LEFT_OUT_OF_PROMPTS = (Message.Status.FAILED, Message.Status.QUEUED)
 
 
@@ -96,6 +97,7 @@ def _prompt(*, reply: Message) -> list[dict[str, str]]:
     earlier = (
         Message.objects.filter(conversation_id=reply.conversation_id, position__lt=reply.position)
         .exclude(role=Message.Role.ASSISTANT, status__in=STATUSES_LEFT_OUT_OF_PROMPTS)
+        .filter(superseded_at__isnull=True)
         .order_by("position")
         .values_list("role", "content")
     )

@@ -24,6 +24,9 @@ UNAVAILABLE_ERRORS = (RedisError, OSError, DatabaseError, asyncio.TimeoutError)
 
 conversation_active_job = database_call(services.conversation_active_job)
 
+# What chat/turns.py publishes of a turn (a message; a regenerate), before its reply's frames.
+TURN_ANNOUNCEMENTS = frozenset({"user_message", "regenerated"})
+
 
 def frame_ends_reply(frame: Mapping[str, object]) -> bool:
     """Whether a frame is a reply's last: `done`, or an `error` other than `llm_unavailable`
@@ -119,8 +122,8 @@ class ReplyRelay(AsyncJsonWebsocketConsumer):
             logger.exception("could not relay %s to a socket", kind)
 
     async def _relay(self, frame: dict[str, Any], raw: str) -> None:
-        if frame["type"] == "user_message":
-            return await self._relay_user_message(frame)
+        if frame["type"] in TURN_ANNOUNCEMENTS:
+            return await self._relay_announcement(frame)
         if frame["type"] == "title":  # the conversation's, not a reply's: no seq
             return await self.send(text_data=raw)
         job_id, seq = frame["job_id"], frame["seq"]
@@ -138,7 +141,7 @@ class ReplyRelay(AsyncJsonWebsocketConsumer):
             await self.send(text_data=raw)
             self._mark_seen(job_id, seq, frame)
 
-    async def _relay_user_message(self, frame: dict[str, Any]) -> None:
+    async def _relay_announcement(self, frame: dict[str, Any]) -> None:
         # The frame is shared by every socket of the process: read it, never change it.
         if frame["origin"] != self.socket_id:
             self.seen_seq.setdefault(frame["job_id"], 0)

@@ -52,7 +52,13 @@ class ConversationBusy(Exception):
 
 
 class ReplyNotRetryable(Exception):
-    """The reply is gone, or not failed: it completed, was cancelled, or runs again."""
+    """The reply is gone, regenerated, or not failed: it completed, was cancelled, or runs
+    again."""
+
+
+class ReplyNotRegenerable(Exception):
+    """The reply is not the conversation's last answer (or not of this conversation); the
+    message says which, in the user's words."""
 
 
 def conversation_create(
@@ -295,6 +301,7 @@ class SentMessage:
     message: Message
     reply: Message
     created: bool  # False when client_msg_id named a message sent before
+    superseded: Message | None = None  # the answer this reply regenerates, if it does
 
 
 def message_send(
@@ -387,9 +394,79 @@ def message_find_sent(*, conversation: Conversation, client_msg_id: str) -> Sent
 
 
 def message_retract(*, sent: SentMessage) -> None:
-    """Undo message_send when its job could not be queued: the user was told nothing was
-    accepted, so nothing is kept."""
-    Message.objects.filter(id__in=[sent.message.id, sent.reply.id]).delete()
+    """Undo message_send or reply_regenerate when its job could not be queued: the user was
+    told nothing was accepted, so nothing is kept, and a regenerated answer is the last again."""
+    if sent.superseded is None:
+        Message.objects.filter(id__in=[sent.message.id, sent.reply.id]).delete()
+        return
+    with transaction.atomic():
+        Message.objects.filter(id=sent.reply.id).delete()
+        Message.objects.filter(id=sent.superseded.id).update(superseded_at=None)
+
+
+_ONLY_THE_LAST_ANSWER = "Only the last answer can be regenerated."
+
+
+def reply_regenerate(
+    *,
+    conversation: Conversation,
+    reply_id: uuid.UUID | str,
+    job_id: uuid.UUID | str | None = None,
+) -> SentMessage:
+    """A new queued reply to the question that the conversation's last answer, `reply_id`,
+    answered, in its place. The old answer is kept for review, marked superseded: later
+    prompts and the chat page leave it out. The caller enqueues the job after this returns.
+
+    One transaction, its locks taken in an order message_send's cannot cross (the old
+    answer's row, the new row's keys, the conversation), so the two never deadlock. The old
+    answer is checked once locked; a turn that races this one is refused by a constraint,
+    message_unique_position or message_one_active_reply. Raises ConversationBusy while a
+    reply is in flight, ReplyNotRegenerable for any other answer (or none)."""
+    now = timezone.now()
+    try:
+        with transaction.atomic():
+            old, question = _answer_locked(conversation=conversation, reply_id=reply_id)
+            Message.objects.filter(id=old.id).update(superseded_at=now, updated_at=now)
+            reply = Message.objects.create(
+                conversation=conversation,
+                position=old.position + 1,
+                role=Message.Role.ASSISTANT,
+                status=Message.Status.QUEUED,
+                job_id=job_id or uuid.uuid4(),
+            )
+            Conversation.objects.filter(id=conversation.id).update(updated_at=now)
+    except IntegrityError:
+        raise ConversationBusy() from None
+    old.superseded_at = now
+    return SentMessage(message=question, reply=reply, created=True, superseded=old)
+
+
+def _answer_locked(
+    *, conversation: Conversation, reply_id: uuid.UUID | str
+) -> tuple[Message, Message]:
+    """The conversation's last message, locked, if it is the answer `reply_id` and has
+    finished; and the user message it answered."""
+    last = conversation.messages.select_for_update().order_by("-position").first()
+    if last is not None and last.status in Message.ACTIVE_STATUSES:
+        raise ConversationBusy()
+    if last is None or str(last.id) != str(reply_id) or last.role != Message.Role.ASSISTANT:
+        known = conversation.messages.filter(id=reply_id).exists()
+        raise ReplyNotRegenerable(
+            _ONLY_THE_LAST_ANSWER if known else "No such reply in this conversation."
+        )
+    question = (
+        conversation.messages.filter(role=Message.Role.USER, position__lt=last.position)
+        .order_by("-position")
+        .first()
+    )
+    if question is None or last.superseded:
+        raise ReplyNotRegenerable(_ONLY_THE_LAST_ANSWER)
+    return last, question
+
+
+def conversation_transcript(*, conversation: Conversation) -> QuerySet[Message]:
+    """The messages the chat page shows, in order: not the answers regenerated since."""
+    return conversation.messages.filter(superseded_at__isnull=True)
 
 
 def reply_for_job(*, job_id: uuid.UUID | str, conversation_id: uuid.UUID | str) -> Message | None:
@@ -497,6 +574,7 @@ LEFT JOIN {Message._meta.db_table} AS earlier
    AND earlier.conversation_id = claimed.conversation_id
    AND earlier.position < claimed.position
    AND NOT (earlier.role = 'assistant' AND earlier.status = ANY(%(left_out)s))
+   AND earlier.superseded_at IS NULL
 ORDER BY earlier.position
 """
 
@@ -565,7 +643,10 @@ def reply_requeue(*, reply_id: uuid.UUID | str) -> Message:
         # A savepoint within a caller's transaction, so that a refusal does not abort it.
         with transaction.atomic():
             Message.objects.filter(
-                id=reply_id, role=Message.Role.ASSISTANT, status=Message.Status.FAILED
+                id=reply_id,
+                role=Message.Role.ASSISTANT,
+                status=Message.Status.FAILED,
+                superseded_at__isnull=True,
             ).update(
                 status=Message.Status.QUEUED,
                 error="",
@@ -579,6 +660,8 @@ def reply_requeue(*, reply_id: uuid.UUID | str) -> Message:
     reply = Message.objects.filter(id=reply_id, role=Message.Role.ASSISTANT).first()
     if reply is None:
         raise ReplyNotRetryable("its reply no longer exists")
+    if reply.superseded:
+        raise ReplyNotRetryable("its reply was regenerated: the user has another answer")
     if reply.status != Message.Status.QUEUED:
         raise ReplyNotRetryable(f"its reply is {reply.status}, not failed")
     return reply

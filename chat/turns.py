@@ -1,10 +1,11 @@
 """A turn: a user's message admitted, saved and queued for its reply. One path for every way
 a message comes in, the chat socket (consumers.py) and the REST API (api.py), so that both
-get the same limits, the same idempotency (client_msg_id) and the same queue.
+get the same limits, the same idempotency (client_msg_id) and the same queue. A regenerate
+of the last answer is a turn too, with a new reply to the same message instead of two rows.
 
 The steps, in order: admission (backpressure and the user's limits, one Redis call), the
-two rows (chat/services.py), the job on its stream with the announcement other sockets on
-the conversation see. A refusal or a failure at any step gives back what earlier steps took.
+rows (chat/services.py), the job on its stream with the announcement other sockets on the
+conversation see. A refusal or a failure at any step gives back what earlier steps took.
 """
 
 import asyncio
@@ -13,7 +14,9 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 from django.conf import settings
 from django.contrib.auth.models import User
@@ -34,6 +37,7 @@ REDIS_CALL_TIMEOUT = 5.0
 CLIENT_MSG_ID_MAX_CHARS = 64  # Message.client_msg_id's max_length
 
 message_send = database_call(services.message_send)
+reply_regenerate = database_call(services.reply_regenerate)
 message_retract = database_call(services.message_retract)
 message_find_sent = database_call(services.message_find_sent)
 user_priority = database_call(services.user_priority)
@@ -68,9 +72,9 @@ class Queued:
 
 @dataclass(frozen=True)
 class Refused:
-    """Nothing was saved. `code` is the socket's: invalid, too_long, rate_limited and
-    overloaded (both with retry_after), busy (a reply is in flight in the conversation),
-    unavailable (Redis or PostgreSQL failed)."""
+    """Nothing was saved. `code` is the socket's: invalid (also a regenerate of anything but
+    the last answer), too_long, rate_limited and overloaded (both with retry_after), busy (a
+    reply is in flight in the conversation), unavailable (Redis or PostgreSQL failed)."""
 
     code: str
     message: str
@@ -91,27 +95,58 @@ async def turn_send(
     checked = _checked(content=content, client_msg_id=client_msg_id)
     if isinstance(checked, Refused):
         return checked
+    text, msg_id = checked
     job_id = str(uuid.uuid4())
+    save = partial(
+        message_send, conversation=conversation, content=text, client_msg_id=msg_id, job_id=job_id
+    )
+    # A resend of a message accepted before is answered as before, whatever the limits.
+    earlier = (
+        partial(message_find_sent, conversation=conversation, client_msg_id=msg_id)
+        if msg_id
+        else None
+    )
     with log_context(job_id=job_id):
-        return await _turn_send(conversation, sender, job_id, *checked)
+        return await _turn(sender, job_id, save=save, earlier=earlier)
 
 
-async def _turn_send(
-    conversation: Conversation, sender: Sender, job_id: str, text: str, msg_id: str | None
+async def turn_regenerate(
+    *, conversation: Conversation, sender: Sender, reply_id: uuid.UUID
 ) -> TurnOutcome:
+    """Admit, save and queue a new reply in place of the conversation's last answer,
+    `reply_id`."""
+    job_id = str(uuid.uuid4())
+    save = partial(reply_regenerate, conversation=conversation, reply_id=reply_id, job_id=job_id)
+    with log_context(job_id=job_id):
+        return await _turn(sender, job_id, save=save)
+
+
+async def _turn(
+    sender: Sender,
+    job_id: str,
+    *,
+    save: Callable[[], Awaitable[services.SentMessage]],
+    earlier: Callable[[], Awaitable[services.SentMessage | None]] | None = None,
+) -> TurnOutcome:
+    """The steps of every turn, around its saving of rows (`save`). A refused admission
+    answers with what `earlier` finds (a resend's first send) rather than a refusal."""
     received_at = time.monotonic()
     try:
         refusal, queue_position = await asyncio.wait_for(_admit(sender, job_id), REDIS_CALL_TIMEOUT)
         if refusal is not None:
             _refusal_count(refusal.reason)
-            return await _refusal_or_earlier(refusal, conversation, msg_id)
-        sent = await message_send(
-            conversation=conversation, content=text, client_msg_id=msg_id, job_id=job_id
-        )
+            found = earlier and await earlier()
+            if found:
+                return Queued(found, None)
+            return Refused(refusal.code, refusal.message, refusal.retry_after)
+        sent = await save()
     except services.ConversationBusy:
         _refusal_count("busy")
         await _withdraw(sender, job_id)
         return BUSY
+    except services.ReplyNotRegenerable as error:
+        await _withdraw(sender, job_id)
+        return Refused("invalid", str(error))
     except UNAVAILABLE_ERRORS:
         logger.exception("message refused: a dependency is down")
         _withdraw_in_background(sender, job_id)
@@ -152,18 +187,6 @@ async def _admit(sender: Sender, job_id: str) -> tuple[Refusal | None, int | Non
     return admission.refusal, admission.queue_position
 
 
-async def _refusal_or_earlier(
-    refusal: Refusal, conversation: Conversation, client_msg_id: str | None
-) -> TurnOutcome:
-    # A resend of a message accepted before is answered as before, whatever the limits.
-    earlier = client_msg_id and await message_find_sent(
-        conversation=conversation, client_msg_id=client_msg_id
-    )
-    if earlier:
-        return Queued(earlier, None)
-    return Refused(refusal.code, refusal.message, refusal.retry_after)
-
-
 async def _withdraw(sender: Sender, job_id: str) -> None:
     """Give back the admitted job's place and the user's slot before answering: the
     client that sees the refusal may send again at once."""
@@ -191,16 +214,7 @@ async def _enqueue(sender: Sender, sent: services.SentMessage, *, received_at: f
         user_id=str(sender.user.id),
         priority=sender.priority,
     )
-    # Sockets on the conversation learn of the message on the channel its reply frames will
-    # follow, so they always see the message before its answer.
-    announcement = {
-        "type": "user_message",
-        "job_id": job.job_id,
-        "message_id": str(sent.message.id),
-        "reply_id": job.reply_id,
-        "content": sent.message.content,
-        "origin": sender.origin,
-    }
+    announcement = _announcement(sent, origin=sender.origin)
     try:
         await asyncio.wait_for(
             job_enqueue(job=job, announcement=json.dumps(announcement)), REDIS_CALL_TIMEOUT
@@ -212,6 +226,21 @@ async def _enqueue(sender: Sender, sent: services.SentMessage, *, received_at: f
         return False
     _enqueued_log(job, sent, received_at=received_at)
     return True
+
+
+def _announcement(sent: services.SentMessage, *, origin: str) -> dict[str, str]:
+    """What sockets on the conversation learn of the turn, on the channel its reply frames
+    will follow, so that they always see it before the answer: the message, or, for a
+    regenerate, the answer to hide and the reply that takes its place."""
+    ids = {
+        "job_id": str(sent.reply.job_id),
+        "message_id": str(sent.message.id),
+        "reply_id": str(sent.reply.id),
+    }
+    if sent.superseded is not None:
+        superseded = {"superseded_reply_id": str(sent.superseded.id)}
+        return {"type": "regenerated", **ids, **superseded, "origin": origin}
+    return {"type": "user_message", **ids, "content": sent.message.content, "origin": origin}
 
 
 def _enqueued_log(job: Job, sent: services.SentMessage, *, received_at: float) -> None:

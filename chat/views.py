@@ -16,7 +16,12 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods, require_safe
 
 from chat.models import Conversation
-from chat.services import ModelChoices, conversation_create, model_choices
+from chat.services import (
+    ModelChoices,
+    conversation_create,
+    conversation_transcript,
+    model_choices,
+)
 from chat.sidebar import UNTITLED, SidebarConversation, sidebar_conversations
 from llmworker.providers import demo_mode_active
 
@@ -88,7 +93,7 @@ def conversation_detail(
             "conversation": conversation,
             "conversations": conversations,
             "current": current,
-            "transcript": conversation.messages.all(),
+            "transcript": conversation_transcript(conversation=conversation),
             "ws_path": f"/ws/chat/{conversation.id}/",
             "demo_model": demo_mode_active(),
             "max_message_chars": settings.CHAT_MAX_MESSAGE_CHARS,

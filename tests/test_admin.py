@@ -21,6 +21,7 @@ from chat.services import (
     message_send,
     reply_complete,
     reply_fail,
+    reply_regenerate,
     reply_requeue,
     reply_start,
 )
@@ -409,6 +410,53 @@ def test_it_shows_each_replys_status_error_usage_latency_and_attempts(superuser,
         ["5", "User", "Complete", "-", "-", "-", "-", "-"],
         ["6", "Assistant", "Complete", "-", "test-model", tokens, "31.0 s", "2 (1 before a retry)"],
     ]
+
+
+def regenerated(conversation: Conversation, question: str, old: str, new: str) -> None:
+    """A turn whose answer `old` the user regenerated, and its new answer `new`."""
+    reply = answered(conversation, question, old)
+    again = reply_regenerate(conversation=conversation, reply_id=reply.id).reply
+    start = reply_start(reply_id=again.id, default_model="test-model")
+    assert start is not None
+    assert reply_complete(reply_id=again.id, attempt=start.attempt, content=new, usage=None)
+
+
+def test_it_shows_a_regenerated_answer_in_the_transcript_marked(superuser, alice):
+    conversation = conversation_create(owner=alice)
+    regenerated(conversation, "question", "the first answer", "the second answer")
+    columns = ["position", "role", "content", "regenerated"]
+    rows = [[row[column] for column in columns] for row in transcript_rows(superuser, conversation)]
+    assert rows == [
+        ["1", "User", "question", "-"],
+        ["2", "Assistant", "the first answer", "replaced by a regenerated answer"],
+        ["3", "Assistant", "the second answer", "-"],
+    ]
+
+
+def test_it_exports_a_regenerated_answer_marked(superuser, alice):
+    conversation = conversation_create(owner=alice, title="Again")
+    regenerated(conversation, "question", "the first answer", "the second answer")
+    [exported_json] = json.loads(exported(superuser, "export_json", [conversation]).content)[
+        "conversations"
+    ]
+    markdown = exported(superuser, "export_markdown", [conversation]).content.decode()
+    assert [(m["content"], m["superseded"]) for m in exported_json["messages"]] == [
+        ("question", False),
+        ("the first answer", True),
+        ("the second answer", False),
+    ]
+    assert exported_json["messages"][1]["superseded_at"]
+    assert_in_order(
+        markdown,
+        [
+            "## 2. Assistant · complete · test-model · ",
+            " · 1 attempt · replaced by a regenerated answer · ",
+            "\n\nthe first answer\n",
+            "## 3. Assistant · complete · test-model · ",
+            "\n\nthe second answer\n",
+        ],
+    )
+    assert markdown.count("replaced by a regenerated answer") == 1
 
 
 def test_it_escapes_message_content_in_the_transcript(superuser, alice):

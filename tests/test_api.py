@@ -513,7 +513,17 @@ def test_it_shows_the_fields_of_each_message(alice):
         usage={"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
     )
     question, answer = client_as(alice).get(messages_url(conversation.id)).json()["results"]
-    fields = {"id", "role", "content", "status", "job_id", "created_at", "error", "usage"}
+    fields = {
+        "id",
+        "role",
+        "content",
+        "status",
+        "job_id",
+        "created_at",
+        "error",
+        "usage",
+        "superseded",
+    }
     assert set(question) == fields
     assert set(answer) == fields
     assert question["id"] == str(sent.message.id)
@@ -524,6 +534,7 @@ def test_it_shows_the_fields_of_each_message(alice):
     assert answer["job_id"] == str(sent.reply.job_id)
     assert answer["usage"] == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
     assert answer["error"] == ""
+    assert answer["superseded"] is False
     assert answer["created_at"]
 
 
@@ -954,6 +965,92 @@ def _poll(user, conversation, message_id) -> dict[str, Any]:
     return body
 
 
+# --- Regenerating the last answer -------------------------------------------------------
+
+
+def regenerate(user, conversation, message_id: object):
+    url = f"{message_url(conversation.id, message_id)}regenerate/"
+    return client_as(user).post(url, format="json")
+
+
+def test_it_regenerates_the_last_answer_and_lists_the_old_one_as_superseded(alice, conversation):
+    old = answered(conversation, "What do bears eat?", "Mostly berries.")
+
+    response = regenerate(alice, conversation, old.id)
+
+    assert response.status_code == 202
+    body = response.json()
+    question, kept, new = Message.objects.order_by("position")
+    assert set(body) == {"job_id", "message", "reply", "queue_position"}
+    assert (body["job_id"], body["message"]["id"]) == (str(new.job_id), str(question.id))
+    assert (body["reply"]["id"], body["reply"]["status"]) == (str(new.id), "queued")
+    assert _queued_job_ids() == [body["job_id"]]
+    listed = client_as(alice).get(messages_url(conversation.id)).json()["results"]
+    assert [(m["id"], m["content"], m["superseded"]) for m in listed] == [
+        (str(question.id), "What do bears eat?", False),
+        (str(kept.id), "Mostly berries.", True),
+        (str(new.id), "", False),
+    ]
+
+
+def test_it_returns_400_for_regenerating_an_answer_that_is_not_the_last(alice, conversation):
+    first = answered(conversation, "One?", "One.")
+    answered(conversation, "Two?", "Two.")
+
+    response = regenerate(alice, conversation, first.id)
+
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": {"code": "invalid", "message": "Only the last answer can be regenerated."}
+    }
+    assert _queued_job_ids() == []
+
+
+def test_it_returns_409_busy_for_regenerating_while_a_reply_is_in_flight(alice, conversation):
+    old = answered(conversation, "One?", "One.")
+    send(alice, conversation, content="Two?")
+
+    response = regenerate(alice, conversation, old.id)
+
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "busy"
+    assert not Message.objects.filter(superseded_at__isnull=False).exists()
+
+
+def test_it_returns_429_for_regenerating_over_the_rate_limit(alice, conversation, limits):
+    limits.CHAT_RATE_LIMIT = (1, 60)
+    send(alice, conversation_create(owner=alice), content="Elsewhere")
+    old = answered(conversation, "One?", "One.")
+
+    response = regenerate(alice, conversation, old.id)
+
+    assert response.status_code == 429
+    assert response.json()["error"]["code"] == "rate_limited"
+    assert response["Retry-After"] == str(response.json()["error"]["retry_after"])
+    assert not Message.objects.get(id=old.id).superseded
+
+
+def test_it_returns_404_for_regenerating_in_another_users_conversation(alice, bob):
+    bobs = conversation_create(owner=bob)
+    old = answered(bobs, "Bob's?", "Bob's.")
+
+    response = regenerate(alice, bobs, old.id)
+
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+    assert not Message.objects.get(id=old.id).superseded
+
+
+def test_it_returns_404_for_regenerating_a_message_of_another_conversation(alice, conversation):
+    answered(conversation, "Here?", "Here.")
+    elsewhere = answered(conversation_create(owner=alice), "There?", "There.")
+
+    response = regenerate(alice, conversation, elsewhere.id)
+
+    assert response.status_code == 404
+    assert not Message.objects.get(id=elsewhere.id).superseded
+
+
 # --- One message ------------------------------------------------------------------------
 
 
@@ -1119,6 +1216,7 @@ def test_it_serves_a_schema_that_validates_and_names_every_endpoint(tmp_path):
         ("/api/conversations/{conversation_id}/messages/", "get"),
         ("/api/conversations/{conversation_id}/messages/", "post"),
         ("/api/conversations/{conversation_id}/messages/{message_id}/", "get"),
+        ("/api/conversations/{conversation_id}/messages/{message_id}/regenerate/", "post"),
         ("/api/conversations/{conversation_id}/replies/{job_id}/cancel/", "post"),
         ("/api/models/", "get"),
         ("/api/replies/{job_id}/stream", "get"),
@@ -1134,6 +1232,16 @@ def test_it_serves_a_schema_that_validates_and_names_every_endpoint(tmp_path):
         "reply",
         "queue_position",
     }
+    regenerate_op = schema["paths"][
+        "/api/conversations/{conversation_id}/messages/{message_id}/regenerate/"
+    ]["post"]
+    assert set(regenerate_op["responses"]) == set(send_op["responses"])
+    assert regenerate_op["responses"]["202"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Turn"
+    }
+    superseded = schema["components"]["schemas"]["Message"]["properties"]["superseded"]
+    assert (superseded["type"], superseded["readOnly"]) == ("boolean", True)
+    assert "regenerated" in superseded["description"]
 
 
 def test_it_serves_the_schema_and_its_docs_without_any_cdn(client):

@@ -401,6 +401,52 @@ def test_it_shows_a_failed_answer_inline_with_a_retry(open_tab, alice, fake_llm)
     ]
 
 
+def test_it_regenerates_the_last_answer_in_place(open_tab, alice, fake_llm):
+    regenerated = words(20, "r")
+    fake_llm.enqueue(
+        Behaviour(reply="The first answer."), Behaviour(tokens=regenerated, hold_after=5)
+    )
+    conversation = conversation_create(owner=alice)
+    answered(conversation, "An earlier question", "An earlier answer.")
+    tab = open_tab(alice)
+    page = chat_page(tab, conversation)
+    other_tab = chat_page(open_tab(alice), conversation)
+    send(page, "Tell me something")
+    expect(page.locator(ANSWER).last).to_have_attribute("data-status", "complete")
+
+    button = page.get_by_role("button", name="Regenerate answer")
+    expect(button).to_have_count(1)  # on the last answer alone
+    expect(
+        page.locator(ANSWER).last.get_by_role("button", name="Regenerate answer")
+    ).to_be_enabled()
+    button.focus()
+    page.keyboard.press("Enter")
+
+    wait_for_answer(page, "text.includes('r4')")
+    expect(page.get_by_role("button", name="Regenerate answer")).to_have_count(0)
+    expect(page.locator("#composer-input")).to_be_focused()  # not lost with the old answer
+    expect(page.get_by_role("button", name="Stop")).to_be_visible()
+    expect(page.locator("#send-button")).to_be_disabled()
+    fake_llm.release()
+    expected = [t.strip() for t in regenerated]
+    for shown in (page, other_tab):
+        expect(shown.locator(ANSWER)).to_have_count(2)
+        expect(shown.locator(ANSWER).last).to_have_attribute("data-status", "complete")
+        assert answer_text(shown).split() == expected
+        expect(shown.get_by_text("The first answer.")).to_have_count(0)
+    expect(page.get_by_role("button", name="Regenerate answer")).to_be_enabled()
+    page.reload()
+    expect(page.locator(ANSWER)).to_have_count(2)
+    assert answer_text(page).split() == expected
+    expect(page.get_by_text("The first answer.")).to_have_count(0)
+    assert fake_llm.requests[1]["messages"] == [
+        {"role": "user", "content": "An earlier question"},
+        {"role": "assistant", "content": "An earlier answer."},
+        {"role": "user", "content": "Tell me something"},
+    ]
+    assert tab.errors == []
+
+
 def test_it_gives_a_rate_limited_message_back_with_the_wait(
     open_tab, alice, fake_llm, start_daphne
 ):

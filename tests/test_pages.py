@@ -9,7 +9,7 @@ from django.conf import settings
 from django.test import Client
 
 from chat.models import Conversation, Message
-from chat.services import conversation_create, message_send
+from chat.services import conversation_create, message_send, reply_regenerate
 from tests.support.transcripts import answered
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -234,6 +234,19 @@ def test_it_shows_the_tokens_an_answer_used(alice):
 
     assert html.count('class="msg-usage"') == 1
     assert '<span class="msg-usage" title="12 in, 30 out">42 tokens</span>' in html
+
+
+def test_it_shows_the_regenerated_reply_in_place_of_the_answer_it_replaced(alice):
+    conversation = conversation_create(owner=alice)
+    old = answered(conversation, "What do bears eat?", "The replaced answer.")
+    sent = reply_regenerate(conversation=conversation, reply_id=old.id)
+
+    html = client_for(alice).get(chat_url(conversation.id)).content.decode()
+
+    assert "The replaced answer." not in html
+    assert str(old.id) not in html
+    assert f'data-job-id="{sent.reply.job_id}" data-status="queued"' in html
+    assert html.count('data-role="assistant"') == 1
 
 
 def test_it_marks_a_reply_still_queued(alice):

@@ -2,8 +2,9 @@
  * Grizz chat page.
  *
  * Speaks the chat WebSocket protocol (/ws/chat/<conversation_id>/):
- *   server -> client: hello, queued, user_message, delta, restart, done, error, pong
- *   client -> server: message, ping, cancel, resume
+ *   server -> client: hello, queued, user_message, regenerated, delta, restart, done, error,
+ *                     pong
+ *   client -> server: message, regenerate, ping, cancel, resume
  *
  * The transcript is rendered by the server; this file keeps it up to date. A user's text
  * goes into the page as a text node, never as HTML; an answer is rendered as Markdown by
@@ -95,6 +96,7 @@
     input: document.getElementById("composer-input"),
     send: document.getElementById("send-button"),
     stop: document.getElementById("stop-button"),
+    regenerate: regenerateButton(),
   };
 
   const state = {
@@ -112,6 +114,8 @@
     cancelRequestedFor: null,
     // The message we sent whose "queued" has not arrived: {clientMsgId, content, element}.
     pending: null,
+    // The answer whose regenerate we sent, until its "queued" (or refusal) arrives.
+    regenerating: null,
     // Per job: {lastSeq, buffer: Map(seq -> frame), finished, gapTimer}.
     jobs: new Map(),
     // How the last reply ended, for the composer's line: "cancelled", "failed" or null.
@@ -253,6 +257,7 @@
     hello: onHello,
     queued: onQueued,
     user_message: onUserMessage,
+    regenerated: onRegenerated,
     delta: onStreamFrame,
     restart: onStreamFrame,
     done: onDone,
@@ -288,6 +293,9 @@
       // original job if it did store the message, instead of storing it twice.
       sendFrame(messageFrame(state.pending));
     }
+    // Not sent again: if the server stored it, its reply is the active job resumed above,
+    // and the resync below hides the answer it replaced.
+    state.regenerating = null;
     // While we were away other tabs may have sent messages, whose "user_message" we missed:
     // fetch the transcript the server has now and merge it in.
     if (isReconnect) {
@@ -299,6 +307,7 @@
   function onQueued(frame) {
     const pending = state.pending;
     state.pending = null;
+    state.regenerating = null;
     state.queuePosition = Number.isInteger(frame.queue_position) ? frame.queue_position : null;
     if (pending) {
       if (findMessageElement(frame.message_id)) {
@@ -308,7 +317,30 @@
         setMessageStatus(pending.element, "complete");
       }
     }
+    removeAnswer(frame.superseded_reply_id);
     startReply(frame.job_id, frame.reply_id);
+  }
+
+  // Another tab regenerated the last answer: its new reply takes the old one's place.
+  function onRegenerated(frame) {
+    removeAnswer(frame.superseded_reply_id);
+    startReply(frame.job_id, frame.reply_id);
+  }
+
+  // An answer replaced by a regenerated one: the server keeps it for review, the page does
+  // not show it.
+  function removeAnswer(replyId) {
+    const element = findMessageElement(replyId);
+    if (!element) {
+      return;
+    }
+    // The Regenerate button had the focus (or lost it when disabled): keep it on the page.
+    const focused = document.activeElement;
+    const refocus = focused === document.body || element.contains(focused);
+    element.remove();
+    if (refocus) {
+      els.input.focus();
+    }
   }
 
   // Another tab of this conversation sent a message.
@@ -451,6 +483,12 @@
       // retry once the wait the server asks for (rate_limited, overloaded) is over.
       rejectPending();
       showNotice(text, { retry: sendMessage, retryAfter: frame.retry_after });
+    } else if (state.regenerating) {
+      // The regenerate was refused (busy, invalid, rate_limited...): nothing changed.
+      const replyId = state.regenerating;
+      state.regenerating = null;
+      updateControls();
+      showNotice(text, { retry: () => regenerate(replyId), retryAfter: frame.retry_after });
     } else {
       showNotice(text);
       if (state.cancelRequestedFor) {
@@ -529,6 +567,19 @@
     updateControls();
   }
 
+  function regenerate(replyId) {
+    if (!replyId || state.regenerating || state.pending || state.activeJobId) {
+      return;
+    }
+    if (sendFrame({ type: "regenerate", reply_id: replyId })) {
+      state.regenerating = replyId;
+      state.lastOutcome = null;
+      state.queuePosition = null;
+      hideNotice();
+      updateControls();
+    }
+  }
+
   function requestStop() {
     const jobId = state.activeJobId;
     if (jobId && sendFrame({ type: "cancel", job_id: jobId })) {
@@ -549,6 +600,12 @@
   // Transcript resync: after a reconnect, fetch this page again and merge its transcript in.
 
   async function resyncTranscript() {
+    // Taken before the fetch: the page rendered after it has every message whose id we
+    // knew by then, unless a regenerate in another tab replaced it meanwhile.
+    const shownAnswers = Array.from(
+      els.transcript.querySelectorAll("li.msg-assistant[data-message-id]"),
+      (item) => item.dataset.messageId
+    );
     let html;
     try {
       const response = await fetch(window.location.pathname, {
@@ -568,7 +625,10 @@
     const doc = new DOMParser().parseFromString(html, "text/html");
     const fresh = doc.getElementById("transcript");
     if (fresh) {
-      mergeTranscript(readMessages(fresh));
+      const records = readMessages(fresh);
+      const kept = new Set(records.map((record) => record.messageId));
+      shownAnswers.filter((id) => !kept.has(id)).forEach(removeAnswer);
+      mergeTranscript(records);
     }
     // A title frame sent while we were away: the page as rendered now has the title.
     const titled = doc.querySelector(".conversation-item.is-current:not([data-untitled])");
@@ -849,6 +909,8 @@
       copyText(button, button.closest(".code-block").querySelector("pre").textContent);
     } else if (button.classList.contains("retry-button")) {
       retryFailed(item);
+    } else if (button === els.regenerate) {
+      regenerate(item.dataset.messageId);
     }
   }
 
@@ -860,8 +922,10 @@
   // Page chrome: controls, status, notices, scrolling
 
   function updateControls() {
-    const replyActive = Boolean(state.activeJobId) || Boolean(state.pending);
+    const replyActive =
+      Boolean(state.activeJobId) || Boolean(state.pending) || Boolean(state.regenerating);
     els.send.disabled = !state.connected || replyActive;
+    updateRegenerateButton(replyActive);
     els.stop.hidden = !state.activeJobId;
     const stopping = state.activeJobId !== null && state.cancelRequestedFor === state.activeJobId;
     els.stop.disabled = !state.connected || stopping;
@@ -871,7 +935,7 @@
 
   function updateComposerStatus(stopping) {
     let name = state.lastOutcome;
-    if (state.pending) {
+    if (state.pending || state.regenerating) {
       name = "sending";
     } else if (stopping) {
       name = "stopping";
@@ -887,6 +951,36 @@
     if (els.composerStatus.textContent !== text) {
       els.composerStatus.textContent = text;
     }
+  }
+
+  // One Regenerate button, on the last answer alone once it has finished (complete, stopped
+  // or failed), disabled while a reply is on its way. Moved, not made per answer: this runs
+  // on every frame of a streaming answer.
+  function regenerateButton() {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "copy-button regenerate-button";
+    button.textContent = "Regenerate";
+    button.setAttribute("aria-label", "Regenerate answer");
+    return button;
+  }
+
+  function updateRegenerateButton(replyActive) {
+    const last = els.transcript.lastElementChild;
+    const finishedAnswer =
+      last &&
+      last.dataset.role === "assistant" &&
+      last.dataset.messageId &&
+      !isActive(last.dataset.status);
+    if (!finishedAnswer) {
+      els.regenerate.remove();
+      return;
+    }
+    const meta = last.querySelector(".msg-meta");
+    if (els.regenerate.parentNode !== meta) {
+      meta.append(els.regenerate);
+    }
+    els.regenerate.disabled = !state.connected || replyActive;
   }
 
   function setConnectionStatus(name, text) {
