@@ -68,6 +68,7 @@ class ChatConsumer(ReplyRelay):
     channel_layer_alias = "none"
     conversation: Conversation | None = None
     user: User  # set by connect(), which refuses a socket whose user is not signed in
+    priority: str  # the user's replies' (services.user_priority), set with the user
     sender: Sender | None = None  # this socket's turns' (chat/turns.py)
     counted_open = False  # in the open sockets' gauge, until its disconnect
 
@@ -117,7 +118,7 @@ class ChatConsumer(ReplyRelay):
                 return await self._refuse(CLOSE_UNAUTHENTICATED)
             if opened.conversation is None:
                 return await self._refuse(CLOSE_NOT_FOUND)
-            self.user = opened.user
+            self.user, self.priority = opened.user, opened.priority
             # The active job first, then follow: a reply that starts in between is followed
             # from its first frame, like any reply that starts while the socket is open.
             conversation, active_job_id = opened.conversation, opened.active_job_id
@@ -245,7 +246,7 @@ class ChatConsumer(ReplyRelay):
     def _sender(self) -> Sender:
         # Made on the first message: most sockets send none.
         if self.sender is None:
-            self.sender = Sender(user=self.user, origin=self.socket_id)
+            self.sender = Sender(user=self.user, origin=self.socket_id, priority=self.priority)
         return self.sender
 
     async def _send_queued(self, sent: services.SentMessage, queue_position: int | None) -> None:

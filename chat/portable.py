@@ -6,6 +6,7 @@ connection is not PostgreSQL's, which tests, CI and production use.
 """
 
 import uuid
+from datetime import datetime
 
 from django.contrib.auth.models import User
 from django.db import transaction
@@ -103,3 +104,20 @@ def _prompt(*, reply: Message) -> list[dict[str, str]]:
     )
     prompt.extend({"role": role, "content": content} for role, content in earlier)
     return prompt
+
+
+def reply_finish(
+    *,
+    reply_id: uuid.UUID | str,
+    attempt: int,
+    now: datetime,
+    error: str | None,
+    **values: object,
+) -> bool:
+    """The reply's end, if the attempt still owns it (error None: as it is)."""
+    if error is not None:
+        values["error"] = error
+    updated = Message.objects.filter(
+        id=reply_id, attempt=attempt, status=Message.Status.STREAMING
+    ).update(finished_at=now, updated_at=now, **values)
+    return updated == 1

@@ -49,8 +49,8 @@ _background_tasks: set[asyncio.Task[None]] = set()
 @dataclass
 class Sender:
     """Who sends: the user, and where from (`origin`: a socket's id, so that the sending
-    socket is not told of its own message). A socket keeps one for its life, so the user's
-    priority is read once per socket, on its first turn."""
+    socket is not told of its own message). The user's priority, when not given (a socket
+    read it with its user), is read on the first turn."""
 
     user: User
     origin: str

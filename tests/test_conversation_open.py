@@ -4,6 +4,7 @@ statement."""
 import uuid
 
 import pytest
+from django.contrib.auth.models import Group, User
 
 from chat.models import Conversation
 from chat.services import conversation_create, conversation_open_for_user, message_send
@@ -58,3 +59,19 @@ def test_it_finds_nothing_for_a_user_that_does_not_exist(alice):
     conversation = conversation_create(owner=alice)
     gone = alice.id + 1000
     assert conversation_open_for_user(user_id=gone, conversation_id=conversation.id) is None
+
+
+def test_it_reads_the_priority_of_the_users_replies(alice, bob, settings):
+    settings.CHAT_PRIORITY_GROUP = "priority"
+    bob.groups.add(Group.objects.create(name="priority"))
+    carol = User.objects.create_user("carol", password="carol-password-1")
+    carol.groups.add(Group.objects.create(name="other"))
+    root = User.objects.create_user("root", password="root-password-1", is_staff=True)
+
+    priorities = {
+        user.username: opened.priority
+        for user in (alice, bob, carol, root)
+        if (opened := conversation_open_for_user(user_id=user.id, conversation_id=None))
+    }
+
+    assert priorities == {"alice": "normal", "bob": "high", "carol": "normal", "root": "high"}

@@ -1,4 +1,5 @@
-"""reply_start: the claim of a delivery attempt and the prompt it reads, one statement."""
+"""reply_start: the claim of a delivery attempt and the prompt it reads, one statement; and
+the end of the attempt (reply_complete, reply_fail), fenced by its number."""
 
 import pytest
 
@@ -96,3 +97,39 @@ def test_it_finds_nothing_to_start_for_a_finished_or_cancelled_reply(alice):
     assert reply_cancel_queued(reply_id=withdrawn.reply.id)
     assert reply_start(reply_id=withdrawn.reply.id, default_model="m") is None
     assert Message.objects.get(id=withdrawn.reply.id).attempt == 0
+
+
+def test_it_saves_the_answer_and_its_usage_for_the_current_attempt_only(alice):
+    conversation = conversation_create(owner=alice)
+    sent = message_send(conversation=conversation, content="Hello")
+    first = reply_start(reply_id=sent.reply.id, default_model="m")
+    second = reply_start(reply_id=sent.reply.id, default_model="m")  # taken over
+    assert first is not None and second is not None
+    usage = {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+
+    assert not reply_complete(
+        reply_id=sent.reply.id, attempt=first.attempt, content="stale", usage=usage
+    )
+    assert reply_complete(reply_id=sent.reply.id, attempt=second.attempt, content="Hi", usage=usage)
+    assert not reply_fail(reply_id=sent.reply.id, attempt=second.attempt, error="too late")
+
+    reply = Message.objects.get(id=sent.reply.id)
+    assert (reply.status, reply.content, reply.error, reply.usage) == ("complete", "Hi", "", usage)
+    assert reply.finished_at is not None and reply.updated_at == reply.finished_at
+
+
+def test_it_saves_a_failure_with_its_error_and_the_part_said(alice):
+    conversation = conversation_create(owner=alice)
+    sent = message_send(conversation=conversation, content="Hello")
+    start = reply_start(reply_id=sent.reply.id, default_model="m")
+    assert start is not None
+
+    assert reply_fail(
+        reply_id=sent.reply.id, attempt=start.attempt, error="The model failed.", content="Hal"
+    )
+
+    reply = Message.objects.get(id=sent.reply.id)
+    assert (reply.status, reply.content, reply.error, reply.usage) == (
+        "failed", "Hal", "The model failed.", None,
+    )  # fmt: skip
+    assert reply.finished_at is not None
