@@ -7,4 +7,5 @@ from chat import views
 urlpatterns = [
     path("", views.conversation_list, name="conversation-list"),
     path("c/<uuid:conversation_id>/", views.conversation_detail, name="conversation-detail"),
+    path("session/refresh/", views.session_refresh, name="session-refresh"),
 ]

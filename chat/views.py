@@ -11,7 +11,7 @@ from django import forms
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import User
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods, require_safe
 
@@ -98,7 +98,32 @@ def conversation_detail(
             "demo_model": demo_mode_active(),
             "max_message_chars": settings.CHAT_MAX_MESSAGE_CHARS,
             "model_options": model_options(choices=model_choices(), kept=conversation.model),
+            "session_refresh_ms": session_refresh_interval_ms(request),
         },
+    )
+
+
+# The longest an open page waits between renewals of its session, however long it lasts.
+SESSION_REFRESH_MAX_MS = 3600 * 1000
+
+
+def session_refresh_interval_ms(request: HttpRequest) -> int:
+    """How often the chat page renews its session: at half the time left on it."""
+    return min(SESSION_REFRESH_MAX_MS, max(1000, request.session.get_expiry_age() * 500))
+
+
+@require_http_methods(["POST"])
+def session_refresh(request: HttpRequest) -> JsonResponse:
+    """Renew the signed-in browser's session for another SESSION_COOKIE_AGE (its cookie too),
+    so that a chat page left open does not sign its user out. 401 once the session is gone:
+    the page then says so. CSRF-checked like every POST."""
+    if not request.user.is_authenticated:
+        error = {"code": "unauthenticated", "message": "You have been signed out."}
+        return JsonResponse({"error": error}, status=401)
+    request.session.set_expiry(None)  # marks it modified: saved, and its cookie sent again
+    expires_in = request.session.get_expiry_age()
+    return JsonResponse(
+        {"expires_in": expires_in, "refresh_in_ms": session_refresh_interval_ms(request)}
     )
 
 

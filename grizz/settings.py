@@ -245,6 +245,10 @@ WHITENOISE_AUTOREFRESH = DEBUG
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "conversation-list"
 LOGOUT_REDIRECT_URL = "login"
+# How long a browser stays signed in (Django's SESSION_COOKIE_AGE, two weeks by default). An
+# open chat page renews its session as it nears half of that (chat.views.session_refresh):
+# the socket alone, which only reads the session, would let it lapse mid-conversation.
+SESSION_COOKIE_AGE = envint("DJANGO_SESSION_COOKIE_AGE", 14 * 24 * 3600, minimum=60)
 
 # HTTPS-only settings: off by default so that the service works over plain HTTP on 127.0.0.1;
 # switch them on when TLS ends at a proxy in front of Grizz.

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 from django.contrib.auth.models import User
+from django.contrib.sessions.backends.db import SessionStore
+from django.contrib.sessions.models import Session
 from django.test import Client
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
@@ -730,6 +732,57 @@ def test_it_renders_a_4000_token_answer_cheaply(open_tab, alice, fake_llm, capsy
     # are printed for the record, and speed targets belong to the bench).
     assert measured["last200"] * 5 < measured["whole200"]
     assert measured["blocks"] > 100  # finished paragraphs were kept, not re-rendered
+
+
+# --- The session ------------------------------------------------------------------------
+
+
+def _session_expiry_left(tab: Tab, seconds: int) -> str:
+    """Shorten the tab's session to `seconds` from now; its key."""
+    key = next(c["value"] for c in tab.page.context.cookies() if c["name"] == "sessionid")
+    session = SessionStore(session_key=key)
+    session.set_expiry(seconds)
+    session.save()
+    return key
+
+
+def test_an_open_page_renews_its_session_before_it_lapses(open_tab, alice, fake_llm):
+    fake_llm.default = Behaviour(reply="Still here.")
+    conversation = conversation_create(owner=alice)
+    tab = open_tab(alice)
+    key = _session_expiry_left(tab, 4)
+
+    with tab.page.expect_response("**/session/refresh/") as renewal:
+        chat_page(tab, conversation)  # renews at half the 4 s left
+
+    assert renewal.value.status == 200
+    assert SessionStore(session_key=key).get_expiry_age() > 3600
+    # Past the 4 s the session had: still signed in, without a reload.
+    expect(tab.page.locator("#connection-status")).to_have_text("Connected")
+    send(tab.page, "Are you there?")
+    expect(tab.page.locator(ANSWER).last).to_have_attribute("data-status", "complete")
+    assert answer_text(tab.page) == "Still here."
+
+
+def test_a_signed_out_page_says_so_and_offers_to_sign_in(
+    open_tab, alice, fake_llm, start_daphne, service_env
+):
+    first = start_daphne()
+    conversation = conversation_create(owner=alice)
+    page = open_tab(alice).page
+    page.goto(f"http://127.0.0.1:{first.port}/c/{conversation.id}/")
+    expect(page.locator("#connection-status")).to_have_text("Connected")
+
+    Session.objects.all().delete()  # signed out elsewhere, or the session expired
+    first.kill()
+    again = daphne_start(env=service_env, port=first.port)
+    try:
+        expect(page.locator("#connection-status")).to_have_text("Signed out")
+        expect(page.locator("#notice")).to_contain_text("You have been signed out.")
+        page.get_by_role("button", name="Sign in").click()
+        expect(page).to_have_url(re.compile(rf"/accounts/login/\?next=/c/{conversation.id}/$"))
+    finally:
+        again.stop()
 
 
 def test_it_links_a_favicon_and_names_pages(open_tab, alice, fake_llm):

@@ -448,3 +448,50 @@ def test_it_accepts_the_conversation_form_with_its_csrf_token(alice):
 
     assert response.status_code == 302
     assert Conversation.objects.filter(title="Genuine", owner=alice).exists()
+
+
+# --- The session an open chat page keeps alive -------------------------------------------
+
+SESSION_REFRESH_URL = "/session/refresh/"
+
+
+def test_the_chat_page_says_when_to_renew_its_session(alice):
+    client = client_for(alice)
+    session = client.session
+    session.set_expiry(120)  # two minutes left: renew in one
+    session.save()
+    conversation = conversation_create(owner=alice)
+
+    page = client.get(chat_url(conversation.id)).content.decode()
+
+    assert 'data-session-refresh-ms="60000"' in page
+    assert f'data-login-url="{LOGIN_URL}?next=/c/{conversation.id}/"' in page
+
+
+def test_it_renews_a_signed_in_session_for_another_full_age(alice):
+    client = client_for(alice)
+    session = client.session
+    session.set_expiry(120)
+    session.save()
+
+    response = client.post(SESSION_REFRESH_URL)
+
+    assert response.status_code == 200
+    assert response.json()["expires_in"] == settings.SESSION_COOKIE_AGE
+    assert response.cookies[settings.SESSION_COOKIE_NAME]["max-age"] == settings.SESSION_COOKIE_AGE
+    assert client.session.get_expiry_age() == settings.SESSION_COOKIE_AGE
+
+
+def test_it_refuses_to_renew_a_session_that_is_gone():
+    response = Client().post(SESSION_REFRESH_URL)
+
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "unauthenticated"
+
+
+def test_a_session_renewal_needs_its_csrf_token_and_a_post(alice):
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(alice)
+
+    assert client.post(SESSION_REFRESH_URL).status_code == 403
+    assert client.get(SESSION_REFRESH_URL).status_code == 405

@@ -35,7 +35,8 @@
   const FATAL_CLOSES = {
     4401: {
       status: "Signed out",
-      message: "You have been signed out. Reload the page to sign in again.",
+      message: "You have been signed out. Sign in again to go on with this conversation.",
+      action: { label: "Sign in", run: () => window.location.assign(root.dataset.loginUrl) },
     },
     4403: { status: "No access", message: "You do not have access to this conversation." },
     4404: { status: "Not found", message: "This conversation does not exist any more." },
@@ -99,8 +100,17 @@
     regenerate: regenerateButton(),
   };
 
+  const CLOSE_UNAUTHENTICATED = 4401;
+  // When the server gave no renewal time, or a renewal failed for another reason than a
+  // sign-out (offline, a server error): try again after this long.
+  const SESSION_REFRESH_FALLBACK_MS = 60000;
+  const csrfToken = document.querySelector('meta[name="csrf-token"]').content;
+
   const state = {
     wsUrl: websocketUrl(root.dataset.wsPath),
+    sessionTimer: null,
+    // When the last 4401 made the page check its session; cleared by the next hello.
+    sessionRecheckedAt: null,
     socket: null,
     connected: false, // "hello" received on the current socket
     helloCount: 0,
@@ -161,16 +171,59 @@
 
   function onClose(event) {
     forgetSocket();
+    if (event.code === CLOSE_UNAUTHENTICATED && !state.sessionRecheckedAt) {
+      // Signed out, or a session that lapsed: one renewal attempt says which.
+      state.sessionRecheckedAt = Date.now();
+      refreshSession().then((renewed) => (renewed ? scheduleReconnect() : signedOut()));
+      return;
+    }
     const fatal = FATAL_CLOSES[event.code];
     if (fatal) {
       state.fatal = true;
       els.banner.hidden = true;
       setConnectionStatus("closed", fatal.status);
-      showNotice(fatal.message);
+      showNotice(fatal.message, fatal.action && { retry: fatal.action.run, label: fatal.action.label });
       updateControls();
       return;
     }
     scheduleReconnect();
+  }
+
+  function signedOut() {
+    onClose({ code: CLOSE_UNAUTHENTICATED });
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Session: the socket signs in with the page's session cookie, and only reads it. The page
+  // renews the session at half its remaining life (the server says when), so that a page
+  // left open does not sign its user out; a renewal refused means the user has been.
+
+  function refreshSession() {
+    return fetch("/session/refresh/", {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "X-CSRFToken": csrfToken },
+    })
+      .then((response) => {
+        if (response.status === 401 || response.status === 403) {
+          return false;
+        }
+        return response.ok ? response.json().then(sessionRenewed) : true;
+      })
+      .catch(() => true); // Offline or a server error: not a sign-out; try again later.
+  }
+
+  function sessionRenewed(body) {
+    scheduleSessionRefresh(body.refresh_in_ms);
+    return true;
+  }
+
+  function scheduleSessionRefresh(delayMs) {
+    clearTimeout(state.sessionTimer);
+    const delay = Number.isFinite(delayMs) && delayMs > 0 ? delayMs : SESSION_REFRESH_FALLBACK_MS;
+    state.sessionTimer = setTimeout(function () {
+      refreshSession().then((renewed) => renewed || scheduleSessionRefresh());
+    }, delay);
   }
 
   function forgetSocket() {
@@ -267,6 +320,7 @@
   };
 
   function onHello(frame) {
+    state.sessionRecheckedAt = null;
     const isReconnect = state.helloCount > 0;
     state.helloCount += 1;
     state.connected = true;
@@ -994,6 +1048,7 @@
     const retry = options && options.retry;
     clearInterval(state.noticeTimer);
     els.noticeRetry.hidden = !retry;
+    els.noticeRetry.textContent = (options && options.label) || "Retry";
     els.noticeRetry.onclick = retry
       ? function () {
           hideNotice();
@@ -1096,5 +1151,6 @@
   updateControls();
   bindEvents();
   scrollToBottom();
+  scheduleSessionRefresh(Number(root.dataset.sessionRefreshMs));
   connect();
 })();
