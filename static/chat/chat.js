@@ -205,12 +205,18 @@
       headers: { "X-CSRFToken": csrfToken },
     })
       .then((response) => {
-        if (response.status === 401 || response.status === 403) {
-          return false;
+        if (response.status === 401) {
+          return false; // signed out: the socket's next opening says so
         }
-        return response.ok ? response.json().then(sessionRenewed) : true;
+        return response.ok ? response.json().then(sessionRenewed) : renewalPostponed();
       })
-      .catch(() => true); // Offline or a server error: not a sign-out; try again later.
+      .catch(renewalPostponed);
+  }
+
+  // Offline, a server error, a refused CSRF token: not a sign-out; try again later.
+  function renewalPostponed() {
+    scheduleSessionRefresh();
+    return true;
   }
 
   function sessionRenewed(body) {
@@ -221,9 +227,7 @@
   function scheduleSessionRefresh(delayMs) {
     clearTimeout(state.sessionTimer);
     const delay = Number.isFinite(delayMs) && delayMs > 0 ? delayMs : SESSION_REFRESH_FALLBACK_MS;
-    state.sessionTimer = setTimeout(function () {
-      refreshSession().then((renewed) => renewed || scheduleSessionRefresh());
-    }, delay);
+    state.sessionTimer = setTimeout(refreshSession, delay);
   }
 
   function forgetSocket() {
