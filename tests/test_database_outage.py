@@ -7,6 +7,7 @@ from django.db import connections
 
 from chat.models import Message
 from chat.services import conversation_create
+from grizz import database
 from tests.support.processes import free_port
 from tests.support.sockets import ChatSocket
 
@@ -65,4 +66,43 @@ async def test_it_answers_unavailable_while_the_database_is_unreachable(alice, t
     assert pong == {"type": "pong"}
     assert accepted["type"] == "queued"
     assert [m.content async for m in Message.objects.filter(role="user")] == ["Hello again"]
+    await chat.close()
+
+
+@pytest.fixture
+def one_database_thread(settings):
+    """The process's database calls on one thread, whose connection the test can end."""
+    settings.DATABASE_THREADS = 1
+    database._executor.cache_clear()
+    yield
+    database._executor.cache_clear()
+
+
+def _connections_ended_and_gone(*, sparing: int) -> None:
+    # With a timeout, pg_terminate_backend returns once the backend has exited.
+    with connections["default"].cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid() AND pid <> %s",
+            [sparing],
+        )
+        assert all(ended for (ended,) in cursor.fetchall())
+
+
+async def test_it_queues_a_message_on_a_connection_postgresql_ended_right_after_its_use(
+    alice, test_backend_pid, one_database_thread
+):
+    # The socket's opening used the database thread's connection a moment ago, so its
+    # health check's round trip is spared (grizz/database.py) unless the server's goodbye
+    # is seen on its socket.
+    conversation = await sync_to_async(conversation_create)(owner=alice)
+    chat = await ChatSocket.open(conversation.id, user=alice)
+    await chat.receive()
+
+    await sync_to_async(_connections_ended_and_gone)(sparing=test_backend_pid)
+    await chat.send({"type": "message", "content": "Still there?"})
+    accepted = await chat.receive()
+
+    assert accepted["type"] == "queued"
+    assert [m.content async for m in Message.objects.filter(role="user")] == ["Still there?"]
     await chat.close()
