@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 import psycopg
 from asgiref.sync import sync_to_async
@@ -68,17 +68,17 @@ def _health_check_skip_if_fresh() -> None:
     not seen by the poll, and those drop idle connections after minutes, not seconds: one
     idle longer than the bound is checked as before."""
     pg = connection.connection
-    if (
-        pg is None
-        or connection.vendor != "postgresql"
-        or getattr(_last_use, "connection", None) is not pg
-        or time.monotonic() - _last_use.at > settings.DATABASE_HEALTH_CHECK_IDLE_SECONDS
-    ):
+    if getattr(_last_use, "connection", None) is not pg:
+        return
+    if pg is None or connection.vendor != "postgresql":
+        return
+    if time.monotonic() - _last_use.at > settings.DATABASE_HEALTH_CHECK_IDLE_SECONDS:
         return
     poller = select.poll()  # not select(): a web process's descriptors go far past 1,024
     poller.register(pg.fileno(), select.POLLIN)
     if not poller.poll(0):
-        connection.health_check_done = True
+        # Django's own flag (BaseDatabaseWrapper), which its stubs do not declare.
+        cast(Any, connection).health_check_done = True
 
 
 def statement_rows(sql: str, params: Sequence[Any] | Mapping[str, Any]) -> list[tuple[Any, ...]]:
