@@ -5,7 +5,8 @@ py-spy (requirements-dev.txt, diagnosis only) is a sampling profiler in another 
 with `--nonblocking` it reads the target's memory without stopping it, but it still costs
 the machine CPU, so it runs in this phase alone and never while a figure is measured. The
 raw output (one line per distinct stack, `frame;frame;... count`, aggregated by function
-with `--function`) gives each function's own time (samples where it is the innermost
+with `--function`; `profile/web.txt` and `profile/worker.txt` in the logs folder, kept
+with `--keep-logs`) gives each function's own time (samples where it is the innermost
 frame) and cumulative time (samples where it is anywhere on the stack, counted once).
 
 Only samples of the thread that holds the GIL are taken (`--gil`): that is Python's CPU,
@@ -20,7 +21,6 @@ interpreter's, daphne's and Django's entry points, the event loop, the thread po
 import asyncio
 import shutil
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +71,9 @@ async def run(ctx: Context) -> ScenarioResult:
     count, seconds = ctx.profile.profile_conversations, ctx.profile.profile_s
     shape = shape_cpu(20, ctx.profile.cpu_reply_s)
     await ctx.fleet.open(GROUP, ctx.urls(count), parallel=OPEN_PARALLEL)
-    out = Path(tempfile.mkdtemp(prefix="grizz-bench-profile-"))
+    # Beside the logs: with --keep-logs, the raw stacks stay for a flame graph or a closer look.
+    out = ctx.deployment.logs / "profile"
+    out.mkdir(exist_ok=True)
     try:
         await ctx.quiesce("profile")
         plan = Plan(shape, count, seconds + 1, shape.duration_s, THINK_S)
@@ -80,7 +82,6 @@ async def run(ctx: Context) -> ScenarioResult:
         profiles = await recording
     finally:
         await ctx.fleet.close_group(GROUP)
-        shutil.rmtree(out, ignore_errors=True)
     load = f"{count} conversations at {shape.tokens_per_s:g} tokens/s, {seconds:g} s"
     for p in profiles:
         result.rows.append(
