@@ -14,7 +14,8 @@ was refused instead of seeing the connection drop (1006, no reason), and one to 
   reason naming WS_MAX_FRAME_BYTES (autobahn's failByDrop off, so it sends a close frame).
 
 And its access log goes through logging, in the format of every other line (LOG_FORMAT),
-instead of straight to stdout.
+instead of straight to stdout; and a frame goes to the socket when it is sent
+(`FrameLimitedWebSocketProtocol.sendData`).
 """
 
 import logging
@@ -35,6 +36,7 @@ from daphne.access import AccessLogGenerator  # noqa: E402
 from daphne.cli import CommandLineInterface  # noqa: E402
 from daphne.ws_protocol import WebSocketProtocol  # noqa: E402
 from django.conf import settings  # noqa: E402
+from twisted.internet import tcp  # noqa: E402
 
 
 class _Pformat:
@@ -75,6 +77,17 @@ class FrameLimitedWebSocketProtocol(WebSocketProtocol):
         # (daphne never finishes an upgraded one) does not pause reading.
         self.transport.unregisterProducer()
 
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        """A frame written to the socket at once when nothing waits before it, not queued for
+        the reactor's next turn. Twisted buffers every write and registers the socket for
+        writing (an epoll_ctl), writes in its next turn, then unregisters it (another): per
+        frame per socket, most of the web's cost of relaying a token beyond the framing
+        (docs/performance.md). autobahn's own sendData also formatted a debug line's fields
+        per frame before its logger dropped it."""
+        if sync or chopsize or self.send_queue:
+            return super().sendData(data, sync, chopsize)  # type: ignore[no-any-return]
+        transport_write_now(self.transport, data)
+
     def _max_message_size_exceeded(self, msg_size: int, max_msg_size: int, reason: str) -> None:
         # autobahn's hook for a message over maxMessagePayloadSize; its default reason
         # names the transport limit, which the client never otherwise hears of.
@@ -82,6 +95,30 @@ class FrameLimitedWebSocketProtocol(WebSocketProtocol):
             self.CLOSE_STATUS_CODE_MESSAGE_TOO_BIG,
             f"Frames are limited to {settings.WS_MAX_FRAME_BYTES} bytes.",
         )
+
+
+def transport_write_now(transport: Any, data: bytes) -> None:
+    """Write `data` on a TCP transport now if it holds nothing unsent, the rest (what the
+    socket's buffer would not take, or all of it after an error) through Twisted's buffer
+    as before: bytes never overtake bytes written earlier, and a broken connection is
+    found and closed by Twisted's own write path."""
+    if isinstance(transport, tcp.Connection) and transport.connected and _unsent_none(transport):
+        sent = transport.writeSomeData(data)
+        if isinstance(sent, int):  # else the connection is lost: Twisted's to close
+            data = data[sent:]
+    if data:
+        writer: Any = transport  # Twisted's write is not annotated
+        writer.write(data)
+
+
+def _unsent_none(transport: tcp.Connection) -> bool:
+    # Twisted's FileDescriptor buffers: bytes being written, and bytes written after them.
+    return (
+        not transport._tempDataLen
+        and transport.offset == len(transport.dataBuffer)
+        and not transport.disconnecting
+        and not transport._writeDisconnected
+    )
 
 
 class AccessLog(AccessLogGenerator):
