@@ -365,6 +365,10 @@ LLM_REPLAY_TTL_SECONDS = envint("LLM_REPLAY_TTL_SECONDS", 300, minimum=10)
 # many per round trip, and a reply's deltas within it go as one frame; after a quiet spell,
 # and for a reply's first frame, at once. 0: a round as soon as the one before is answered.
 LLM_FRAME_BATCH_MS = envint("LLM_FRAME_BATCH_MS", 5, minimum=0, maximum=30)
+# While a worker is busy, a reply's deltas go at most this often, those that come within it
+# as one frame (llmworker/replies.py, FrameEmitter); a reply's first delta never waits.
+# 0: no window.
+LLM_DELTA_WINDOW_MS = envint("LLM_DELTA_WINDOW_MS", 30, minimum=0, maximum=30)
 LLM_WORKER_CONCURRENCY = envint("LLM_WORKER_CONCURRENCY", 512, minimum=1)
 # Worker processes of one `run_llm_worker` (its --processes): more than one runs a
 # supervisor that starts them, restarts those that die and stops them all on SIGTERM.

@@ -83,6 +83,11 @@ return {redis.call('EXISTS', KEYS[2]), last_seq}
 
 # While a reply is running its log must outlive any pause in generation; the publisher
 # renews the expiry this often rather than with every frame.
+# This many frames or more waiting at a round of the emitter: the worker is busy, and for
+# LLM_DELTA_WINDOW_MS a reply's deltas are sent at most that often (FrameEmitter). With
+# rounds LLM_FRAME_BATCH_MS (5) apart, 1,600 frames a second.
+WINDOW_ROUND_FRAMES = 8
+
 RUNNING_LOG_TTL_SECONDS = 3600
 RUNNING_LOG_RENEW_SECONDS = 600
 CANCEL_TTL_SECONDS = 3600
@@ -110,6 +115,8 @@ def _frame_parts(kind: str, job_id: str, **body: Any) -> tuple[str, str]:
 
 
 EmitCall = tuple[list[str], list[str | int]]  # the keys and args of one EMIT_SCRIPT call
+# A round: for each reply with frames in it, the frames and their script calls.
+Round = list[tuple["ReplyPublisher", list["_Frame"], list[EmitCall]]]
 
 
 @dataclass
@@ -134,16 +141,23 @@ class FrameEmitter:
     Each reply (ReplyPublisher) queues its frames here; one task sends what every reply has
     queued as one write of EVALSHA calls (CommandBatches), and while that round is on its
     way, new frames wait for the next: a worker streaming many replies makes one socket
-    write and one read per round instead of per token (the write was its largest cost per token,
-    docs/performance.md). Deltas that queue up behind a round merge into one frame. Rounds
+    write and one read per round instead of per token (the write was its largest cost per
+    token, docs/performance.md). Deltas that queue up behind a round merge into one frame. Rounds
     go one at a time and a reply's frames keep their order inside each, so nothing is ever
     reordered.
 
     Under load rounds are spaced LLM_FRAME_BATCH_MS apart, so that each carries more frames
     (each write to Redis costs the worker a system call that wakes Redis) and deltas of one
     reply that come within the spacing go as one frame; a round after a quiet spell, and
-    one holding a reply's first frame, goes at once. The spacing is the only coalescing
-    window (at most 30 ms)."""
+    one holding a reply's first frame, goes at once.
+
+    While the worker is busy (a round in the last LLM_DELTA_WINDOW_MS found
+    WINDOW_ROUND_FRAMES frames or more waiting), a reply sends deltas at most every
+    LLM_DELTA_WINDOW_MS: one that comes sooner after the reply's last frame waits, and those
+    that follow it within the window join it. Every frame costs each web process a wake-up
+    and each socket a write, whatever it carries. A reply's first frame, and deltas before
+    any other kind of frame, never wait for it; a worker with few replies streaming never
+    holds one."""
 
     def __init__(self, client: aioredis.Redis) -> None:
         self.redis = client
@@ -152,7 +166,9 @@ class FrameEmitter:
         self.ready: dict[ReplyPublisher, None] = {}  # an ordered set: who has frames queued
         self.sender: asyncio.Task[None] | None = None
         self.spacing = settings.LLM_FRAME_BATCH_MS / 1000
+        self.window = settings.LLM_DELTA_WINDOW_MS / 1000
         self.last_round_at = -math.inf
+        self.busy_until = -math.inf  # the window applies until then
         self.first_frame_waits = asyncio.Event()
 
     def publisher_ready(self, publisher: "ReplyPublisher") -> None:
@@ -166,12 +182,28 @@ class FrameEmitter:
         loop = asyncio.get_running_loop()
         while self.ready:
             await self._spacing_wait(loop)
-            self.last_round_at = loop.time()
-            # A reply whose frames failed meanwhile has nothing left to send.
-            round_ = [(p, *p.frames_take()) for p in self.ready if p.outgoing]
-            self.ready = {}
+            round_ = self._round_take(loop.time())
             if round_:
                 await self._round_send(round_)
+
+    def _round_take(self, now: float) -> Round:
+        """The frames of the round that starts `now`; replies whose deltas wait for the
+        window stay ready for a later one."""
+        if sum(len(publisher.outgoing) for publisher in self.ready) >= WINDOW_ROUND_FRAMES:
+            self.busy_until = now + self.window
+        busy = now < self.busy_until
+        self.last_round_at = now
+        round_: Round = []
+        held: dict[ReplyPublisher, None] = {}
+        for publisher in self.ready:
+            if not publisher.outgoing:
+                continue  # its frames failed meanwhile
+            if busy and publisher.deltas_held(since=now - self.window):
+                held[publisher] = None
+            else:
+                round_.append((publisher, *publisher.frames_take(at=now)))
+        self.ready = held
+        return round_
 
     async def _spacing_wait(self, loop: asyncio.AbstractEventLoop) -> None:
         left = self.last_round_at + self.spacing - loop.time()
@@ -181,9 +213,7 @@ class FrameEmitter:
                     await self.first_frame_waits.wait()
         self.first_frame_waits.clear()
 
-    async def _round_send(
-        self, round_: list[tuple["ReplyPublisher", list[_Frame], list[EmitCall]]]
-    ) -> None:
+    async def _round_send(self, round_: Round) -> None:
         calls = [call for _, _, calls in round_ for call in calls]
         try:
             results: list[Any] = await self._evalsha_all(calls)
@@ -252,6 +282,7 @@ class ReplyPublisher:
         self.in_flight: list[_Frame] = []
         self.failure: BaseException | None = None  # of a delta nobody awaited
         self.sent_any = False  # the first frame is never held back by the round spacing
+        self.last_sent_at = -math.inf  # when its last frames went, by the emitter's clock
 
     async def attempt_begin(self, attempt: int) -> AttemptStart:
         cancelled, last_seq = await script_get(self.redis, ATTEMPT_BEGIN_SCRIPT)(
@@ -297,11 +328,18 @@ class ReplyPublisher:
 
     # The emitter's side
 
-    def frames_take(self) -> tuple[list[_Frame], list[EmitCall]]:
-        """The frames to send in this round, and their script calls."""
+    def deltas_held(self, *, since: float) -> bool:
+        """Whether the reply's frames wait for a later round: deltas only, its last frame
+        sent after `since` (the emitter's clock)."""
+        return self.last_sent_at > since and all(f.texts is not None for f in self.outgoing)
+
+    def frames_take(self, *, at: float) -> tuple[list[_Frame], list[EmitCall]]:
+        """The frames to send in this round (the emitter's clock says `at`), and their
+        script calls."""
         frames, self.outgoing = self.outgoing, []
         self.in_flight = frames
         self.sent_any = True
+        self.last_sent_at = at
         return frames, [self._call(frame, index) for index, frame in enumerate(frames)]
 
     def _call(self, frame: _Frame, index: int) -> EmitCall:

@@ -206,6 +206,33 @@ async def test_a_coalescing_window_merges_deltas_without_reordering_or_dropping_
     await watcher.close()
 
 
+async def test_a_busy_worker_merges_each_replys_deltas_within_its_window(
+    alice, fake_llm, worker, limits
+):
+    # 40 replies of a token every 10 ms: 4,000 frames a second if each token went alone, far
+    # above what makes a worker busy. The window (LLM_DELTA_WINDOW_MS, 30 by default) then
+    # sends each reply's deltas at most every 30 ms, three tokens or so to a frame.
+    tokens = [f" w{i}" for i in range(150)]
+    fake_llm.default = Behaviour(tokens=tokens, ttft=0.05, interval=0.01)
+    sockets = [await chat_opened(alice) for _ in range(40)]
+
+    for socket in sockets:
+        await socket.send({"type": "message", "content": "Go"})
+    replies = [await socket.receive_until("done") for socket in sockets]
+
+    deltas_sent = 0
+    for frames in replies:
+        reply = [f for f in frames if "seq" in f]
+        deltas = [f for f in reply if f["type"] == "delta"]
+        assert [f["seq"] for f in reply] == list(range(1, len(reply) + 1))
+        assert "".join(f["content"] for f in deltas) == "".join(tokens)
+        assert deltas[0]["content"] == tokens[0]  # the first is never held back
+        deltas_sent += len(deltas)
+    assert deltas_sent < len(replies) * len(tokens) / 2
+    for socket in sockets:
+        await socket.close()
+
+
 async def test_one_worker_carries_several_replies_at_once(alice, fake_llm, worker):
     fake_llm.default = Behaviour(tokens=[" x"] * 20, interval=0.1)
     sockets = []
