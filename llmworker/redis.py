@@ -5,6 +5,7 @@ client (the web process has one loop; the test suite makes a loop per test).
 """
 
 import asyncio
+import math
 import random
 import time
 import weakref
@@ -113,11 +114,14 @@ class CommandBatches:
     def __init__(self, client: aioredis.Redis) -> None:
         pool = client.connection_pool
         self.connection = pool.connection_class(**pool.connection_kwargs)
+        self.read_timeout = pool.connection_kwargs.get("socket_timeout")
 
     async def run(self, commands: list[Command]) -> list[Any]:
         try:
             await self.connection.send_packed_command(commands_packed(commands))
-            return [await self._reply() for _ in commands]
+            # One timeout for the batch's replies: redis-py's, per reply, set a timer each.
+            async with asyncio.timeout(self.read_timeout):
+                return [await self._reply() for _ in commands]
         except BaseException:
             # Replies left unread would answer the next batch: start again on a new one.
             await self.connection.disconnect()
@@ -125,7 +129,7 @@ class CommandBatches:
 
     async def _reply(self) -> Any:
         try:
-            return await self.connection.read_response()
+            return await self.connection.read_response(timeout=math.inf)
         except ResponseError as error:
             return error
 
