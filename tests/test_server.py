@@ -29,14 +29,19 @@ CHECK = textwrap.dedent(
 )
 
 
-def test_it_writes_autobahns_debug_lines_and_timings_as_autobahn_does():
-    done = subprocess.run(
-        [sys.executable, "-c", CHECK],
+def _run_alone(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code],
         cwd=Path(__file__).resolve().parent.parent,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=90,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "grizz.settings"},
     )
+
+
+def test_it_writes_autobahns_debug_lines_and_timings_as_autobahn_does():
+    done = _run_alone(CHECK)
     assert (done.returncode, done.stdout.strip()) == (0, "True True"), done.stderr
 
 
@@ -86,12 +91,5 @@ WRITES_IN_ORDER = textwrap.dedent(
 
 
 def test_frames_written_at_once_never_overtake_bytes_waiting_to_be_sent():
-    done = subprocess.run(
-        [sys.executable, "-c", WRITES_IN_ORDER],
-        cwd=Path(__file__).resolve().parent.parent,
-        capture_output=True,
-        text=True,
-        timeout=90,
-        env={**os.environ, "DJANGO_SETTINGS_MODULE": "grizz.settings"},
-    )
+    done = _run_alone(WRITES_IN_ORDER)
     assert (done.returncode, done.stdout.strip()) == (0, "True"), done.stderr
