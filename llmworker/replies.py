@@ -181,10 +181,13 @@ class FrameEmitter:
     async def _send_rounds(self) -> None:
         loop = asyncio.get_running_loop()
         while self.ready:
-            await self._spacing_wait(loop)
+            await self._first_frame_or_wait(self.last_round_at + self.spacing - loop.time())
             round_ = self._round_take(loop.time())
             if round_:
                 await self._round_send(round_)
+            elif self.ready:  # every reply waits for its window: until the first is due
+                due = min(publisher.last_sent_at for publisher in self.ready) + self.window
+                await self._first_frame_or_wait(due - loop.time())
 
     def _round_take(self, now: float) -> Round:
         """The frames of the round that starts `now`; replies whose deltas wait for the
@@ -205,11 +208,11 @@ class FrameEmitter:
         self.ready = held
         return round_
 
-    async def _spacing_wait(self, loop: asyncio.AbstractEventLoop) -> None:
-        left = self.last_round_at + self.spacing - loop.time()
-        if left > 0 and not self.first_frame_waits.is_set():
+    async def _first_frame_or_wait(self, seconds: float) -> None:
+        """Wait `seconds`, or less if a reply's first frame comes (it goes at once)."""
+        if seconds > 0 and not self.first_frame_waits.is_set():
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(left):
+                async with asyncio.timeout(seconds):
                     await self.first_frame_waits.wait()
         self.first_frame_waits.clear()
 

@@ -209,12 +209,13 @@ async def test_a_coalescing_window_merges_deltas_without_reordering_or_dropping_
 async def test_a_busy_worker_merges_each_replys_deltas_within_its_window(
     alice, fake_llm, worker, limits
 ):
-    # 40 replies of a token every 10 ms: 4,000 frames a second if each token went alone, far
+    # 20 replies of a token every 5 ms: 4,000 frames a second if each token went alone, far
     # above what makes a worker busy. The window (LLM_DELTA_WINDOW_MS, 30 by default) then
-    # sends each reply's deltas at most every 30 ms, three tokens or so to a frame.
+    # sends each reply's deltas at most every 30 ms, several tokens to a frame however late
+    # the tokens come on a loaded machine; the round spacing alone (5 ms) merges few.
     tokens = [f" w{i}" for i in range(150)]
-    fake_llm.default = Behaviour(tokens=tokens, ttft=0.05, interval=0.01)
-    sockets = [await chat_opened(alice) for _ in range(40)]
+    fake_llm.default = Behaviour(tokens=tokens, ttft=0.05, interval=0.005)
+    sockets = [await chat_opened(alice) for _ in range(20)]
 
     for socket in sockets:
         await socket.send({"type": "message", "content": "Go"})

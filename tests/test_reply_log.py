@@ -121,3 +121,33 @@ async def test_many_replies_streaming_at_once_each_keep_their_order():
     for job_id in job_ids:
         contents = [frame["content"] for _, frame in await _logged(job_id)]
         assert contents == [f"{job_id}:{i}" for i in range(10)]
+
+
+@pytest.mark.parametrize("spacing_ms", [5, 0])
+async def test_a_busy_emitter_merges_each_replys_deltas_and_keeps_them_whole(settings, spacing_ms):
+    # 100 replies pushing a delta every 5 ms keep the emitter busy: each reply's deltas go at
+    # most every LLM_DELTA_WINDOW_MS (30), with rounds spaced or not (LLM_FRAME_BATCH_MS 0:
+    # a round as soon as the one before is answered, and none while every reply waits).
+    settings.LLM_FRAME_BATCH_MS = spacing_ms
+    job_ids = [str(uuid.uuid4()) for _ in range(100)]
+    pushed = [f" {i}" for i in range(50)]
+
+    async def stream(job_id: str) -> None:
+        publisher = _publisher(job_id)
+        await publisher.attempt_begin(1)
+        await publisher.delta("first")
+        for text in pushed:
+            await asyncio.sleep(0.005)  # the provider's pace
+            publisher.delta_push(text)
+        await publisher.deltas_flush()
+
+    await asyncio.gather(*(stream(job_id) for job_id in job_ids))
+
+    frames_sent = 0
+    for job_id in job_ids:
+        logged = await _logged(job_id)
+        assert [seq for seq, _ in logged] == list(range(1, len(logged) + 1))
+        assert logged[0][1]["content"] == "first"
+        assert "".join(frame["content"] for _, frame in logged[1:]) == "".join(pushed)
+        frames_sent += len(logged)
+    assert frames_sent < len(job_ids) * (len(pushed) + 1) / 3
