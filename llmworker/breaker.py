@@ -104,9 +104,14 @@ class CircuitBreaker:
     async def wait_for_change(self) -> None:
         """Return when the state changes, or when the breaker half-opens."""
         changed = self.changed
-        until_half_open = self.seconds_until_half_open()
         # Half-open with a probe in flight: only the probe's verdict can let anyone through.
-        timeout = until_half_open if until_half_open > 0 else None
+        timeout = None
+        if self.probe is None:
+            # Open: it half-opens by the clock, maybe already since the caller's admit() (a
+            # timer can fire a moment before its time), and then nothing would wake it.
+            timeout = self.seconds_until_half_open()
+            if timeout <= 0:
+                return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(changed.wait(), timeout)
 
