@@ -185,7 +185,9 @@ class FrameEmitter:
             round_ = self._round_take(loop.time())
             if round_:
                 await self._round_send(round_)
-            elif self.ready:  # every reply waits for its window: until the first is due
+            elif self.ready and not self.spacing:
+                # Every reply waits for its window and no spacing paces the rounds
+                # (LLM_FRAME_BATCH_MS=0): the next round when the first is due, not at once.
                 due = min(publisher.last_sent_at for publisher in self.ready) + self.window
                 await self._first_frame_or_wait(due - loop.time())
 
