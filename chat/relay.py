@@ -4,7 +4,6 @@ the consumer reads as what it does with the client's frames."""
 
 import asyncio
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -15,7 +14,12 @@ from redis.exceptions import RedisError
 from chat import services
 from chat.models import Conversation, Message
 from grizz.database import database_call
-from llmworker.replies import reply_replay
+from llmworker.replies import (
+    frame_ends_reply,
+    reply_final_frame,
+    reply_final_frame_pending,
+    reply_replay,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -26,34 +30,6 @@ conversation_active_job = database_call(services.conversation_active_job)
 
 # What chat/turns.py publishes of a turn (a message; a regenerate), before its reply's frames.
 TURN_ANNOUNCEMENTS = frozenset({"user_message", "regenerated"})
-
-
-def frame_ends_reply(frame: Mapping[str, object]) -> bool:
-    """Whether a frame is a reply's last: `done`, or an `error` other than `llm_unavailable`
-    (the provider is down; the reply waits for it and goes on)."""
-    if frame["type"] == "error":
-        return frame.get("code") != "llm_unavailable"
-    return frame["type"] == "done"
-
-
-def reply_final_frame(reply: Message) -> dict[str, Any]:
-    """The last frame of a finished reply, from PostgreSQL, for a client that resumes once
-    its replay log has expired: the database has the whole answer (it carries no seq)."""
-    if reply.status == Message.Status.FAILED:
-        return {
-            "type": "error",
-            "code": "llm_error",
-            "message": reply.error,
-            "job_id": str(reply.job_id),
-        }
-    return {
-        "type": "done",
-        "job_id": str(reply.job_id),
-        "reply_id": str(reply.id),
-        "status": reply.status,
-        "content": reply.content,
-        "usage": reply.usage,
-    }
 
 
 class ReplyRelay(AsyncJsonWebsocketConsumer):
@@ -172,7 +148,11 @@ class ReplyRelay(AsyncJsonWebsocketConsumer):
         if job_id in self.finished_jobs:
             return
         await self._replay(job_id, after=seen)
-        if job_id not in self.finished_jobs and reply.status not in Message.ACTIVE_STATUSES:
+        if job_id in self.finished_jobs or reply.status in Message.ACTIVE_STATUSES:
+            return
+        # Saved, and no final frame replayed: unless it is on its way (a worker saves a
+        # reply before it sends that frame), the database's.
+        if not await reply_final_frame_pending(job_id=job_id):
             await self._send_finished_from_database(reply)
 
     async def _send_finished_from_database(self, reply: Message) -> None:

@@ -31,10 +31,16 @@ from rest_framework_simplejwt.exceptions import AuthenticationFailed
 from chat import services
 from chat.api_errors import UNAVAILABLE_MESSAGE, UNAVAILABLE_RETRY_AFTER_SECONDS, api_error_body
 from chat.models import Message
-from chat.relay import UNAVAILABLE_ERRORS, frame_ends_reply, reply_final_frame
+from chat.relay import UNAVAILABLE_ERRORS
 from chat.turns import REDIS_CALL_TIMEOUT
 from grizz.database import database_call
-from llmworker.replies import reply_hub_get, reply_replay
+from llmworker.replies import (
+    frame_ends_reply,
+    reply_final_frame,
+    reply_final_frame_pending,
+    reply_hub_get,
+    reply_replay,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -202,8 +208,13 @@ class ReplyFollower:
             if frame_ends_reply(frame[0]):
                 return
         finished = await reply_for_job(job_id=self.job_id, conversation_id=reply.conversation_id)
-        if finished is not None and finished.status not in Message.ACTIVE_STATUSES:
-            # The replay log has expired: the database has the whole answer.
+        # Saved, and no final frame replayed: unless it is on its way (a worker saves a
+        # reply before it sends that frame), the database's.
+        if (
+            finished is not None
+            and finished.status not in Message.ACTIVE_STATUSES
+            and not await reply_final_frame_pending(job_id=self.job_id)
+        ):
             final = reply_final_frame(finished)
             yield final, orjson.dumps(final).decode()
             return
@@ -270,8 +281,8 @@ STREAM_EVENTS = (
     "Server-Sent Events, one per frame of the reply as the chat socket gets it "
     "(docs/websocket.md): `id:` its seq, `event:` its type (`delta`, `restart`, `done`, "
     "`error`), `data:` its JSON. Ends after `done` or an `error` other than `llm_unavailable`;"
-    " a comment (`: keep-alive`) every 15 s while nothing comes. A reply that finished "
-    "before its replay log expired ends with its `done` or `error` from the database, "
+    " a comment (`: keep-alive`) every 15 s while nothing comes. A reply whose replay log "
+    "has expired ends with its `done` or `error` from the database, "
     "without an id. Redis failing mid-stream: an `error` event with code `unavailable`, "
     "then the end: resume with Last-Event-ID."
 )

@@ -41,6 +41,7 @@ UNAVAILABLE_MESSAGE = "The model provider is unavailable; your reply will contin
 reply_start = database_call(chat_services.reply_start)
 reply_complete = database_call(chat_services.reply_complete)
 reply_fail = database_call(chat_services.reply_fail)
+reply_for_job = database_call(chat_services.reply_for_job)
 
 
 class Outcome(enum.Enum):
@@ -178,6 +179,7 @@ class ReplyGeneration:
             max_attempts=settings.LLM_MAX_ATTEMPTS,
         )
         if start is None:
+            await self._final_frame_ensure()
             return Result(Outcome.ACK, reason="reply already finished")
         log_context_bind(attempt=start.attempt)  # the job's task: worker.py's _run_job
         if start.exhausted:
@@ -197,6 +199,15 @@ class ReplyGeneration:
                 extra=self._outcome_fields("superseded"),
             )  # fmt: skip
             return Result(Outcome.ABANDON)
+
+    async def _final_frame_ensure(self) -> None:
+        """The job came back finished: its worker may have died after saving the reply and
+        before sending the final frame that sockets following it wait for."""
+        reply = await reply_for_job(
+            job_id=self.job.job_id, conversation_id=self.job.conversation_id
+        )
+        if reply is not None and await self.publisher.final_frame_ensure(reply):
+            logger.warning("job %s: sent the final frame its attempt did not", self.job.job_id)
 
     async def _attempt(self, start: ReplyStart) -> Result:
         begun = await self.publisher.attempt_begin(start.attempt)
@@ -220,6 +231,7 @@ class ReplyGeneration:
         # finds it counted.
         self._complete_count()
         await self._slot_release()
+        fault_point("before_final_frame")
         await self.publisher.done(
             reply_id=self.job.reply_id, status="complete", content=content, usage=self.usage
         )

@@ -15,7 +15,7 @@ import math
 import random
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from django.conf import settings
 from redis.exceptions import NoScriptError, RedisError
 
+from chat.models import Message
 from grizz import metrics
 from llmworker.redis import (
     Command,
@@ -81,6 +82,28 @@ local last_seq = last and tonumber(string.match(last[1], '%d+$')) or 0
 return {redis.call('EXISTS', KEYS[2]), last_seq}
 """
 
+# For a reply PostgreSQL holds as finished, found again by a worker (its job was taken over
+# from a worker that died or stalled after saving it): its final frame, from the database,
+# unless the log ends with one. With no log there is nothing to end: whoever resumes reads
+# PostgreSQL. The attempt key goes to the finished attempt and a half: any frame that
+# attempt still sends (a stalled worker) is refused, and the next attempt an operator's
+# retry begins is above it.
+FINAL_FRAME_ENSURE_SCRIPT = """
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+if not last then return 0 end
+redis.call('SET', KEYS[2], ARGV[5] .. '.5', 'EX', ARGV[6])
+local text = last[2][2]
+if string.sub(text, 1, 14) == '{"type":"done"' then return 0 end
+if string.sub(text, 1, 15) == '{"type":"error"'
+    and not string.find(text, '"code":"llm_unavailable"', 1, true) then return 0 end
+local seq = tonumber(string.match(last[1], '%d+$')) + 1
+local frame = ARGV[2] .. seq .. ARGV[3]
+redis.call('XADD', KEYS[1], '0-' .. seq, 'f', frame)
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('PUBLISH', ARGV[1], frame)
+return seq
+"""
+
 # While a reply is running its log must outlive any pause in generation; the publisher
 # renews the expiry this often rather than with every frame.
 # This many frames or more waiting at a round of the emitter: the worker is busy, and for
@@ -100,6 +123,36 @@ class StaleAttempt(Exception):
 @dataclass(frozen=True)
 class AttemptStart:
     cancelled: bool
+
+
+def frame_ends_reply(frame: Mapping[str, object]) -> bool:
+    """Whether a frame is a reply's last: `done`, or an `error` other than `llm_unavailable`
+    (the provider is down; the reply waits for it and goes on). FINAL_FRAME_ENSURE_SCRIPT
+    tells it the same way from a frame's text."""
+    if frame["type"] == "error":
+        return frame.get("code") != "llm_unavailable"
+    return frame["type"] == "done"
+
+
+def reply_final_frame(reply: Message) -> dict[str, Any]:
+    """The last frame of a finished reply, from PostgreSQL: for a client that resumes once
+    its replay log has expired (the database has the whole answer; the frame carries no
+    seq), and for a log whose worker died before sending it."""
+    if reply.status == Message.Status.FAILED:
+        return {
+            "type": "error",
+            "code": "llm_error",
+            "message": reply.error,
+            "job_id": str(reply.job_id),
+        }
+    return {
+        "type": "done",
+        "job_id": str(reply.job_id),
+        "reply_id": str(reply.id),
+        "status": reply.status,
+        "content": reply.content,
+        "usage": reply.usage,
+    }
 
 
 def _json(value: Any) -> str:
@@ -421,6 +474,25 @@ class ReplyPublisher:
             usage=usage,
         )
 
+    async def final_frame_ensure(self, reply: Message) -> int:
+        """Ends the reply's log with its final frame from PostgreSQL, unless it ends with
+        one or there is no log; the seq of the frame sent, else 0."""
+        body = reply_final_frame(reply)
+        head, tail = _frame_parts(body.pop("type"), body.pop("job_id"), **body)
+        ensure = script_get(self.redis, FINAL_FRAME_ENSURE_SCRIPT)
+        sent = await ensure(
+            keys=[self.log_key, self.attempt_key],
+            args=[
+                self.channel,
+                head,
+                tail,
+                settings.LLM_REPLAY_TTL_SECONDS,
+                reply.attempt,
+                RUNNING_LOG_TTL_SECONDS,
+            ],
+        )
+        return int(sent)
+
     async def notice(self, *, code: str, message: str, **extra: Any) -> int:
         """An error frame that does not end the reply (llm_unavailable): it waits and goes on,
         so the log keeps its running expiry."""
@@ -447,6 +519,15 @@ async def conversation_title_announce(*, conversation_id: str, title: str) -> No
     log: a page opened later renders the title from PostgreSQL."""
     frame = {"type": "title", "conversation_id": conversation_id, "title": title}
     await redis_get().publish(conversation_channel(conversation_id), _json(frame))
+
+
+async def reply_final_frame_pending(*, job_id: str) -> bool:
+    """Whether the reply's log is there without its final frame. For a reply PostgreSQL
+    holds as finished, that frame is on its way: its worker saves a reply before sending
+    it, and the worker that takes a job over from one that died sends it
+    (FINAL_FRAME_ENSURE_SCRIPT). False with no log (it expired): PostgreSQL has the reply."""
+    last = cast(StreamEntries, await redis_get().xrevrange(reply_log_key(job_id), count=1))
+    return bool(last) and not frame_ends_reply(orjson.loads(last[0][1]["f"]))
 
 
 async def reply_replay(*, job_id: str, after: int) -> list[tuple[int, str]]:

@@ -13,7 +13,14 @@ from asgiref.sync import sync_to_async
 
 from chat import stream
 from chat.models import Conversation, Message
-from chat.services import SentMessage, conversation_create, message_send, reply_fail, reply_start
+from chat.services import (
+    SentMessage,
+    conversation_create,
+    message_send,
+    reply_complete,
+    reply_fail,
+    reply_start,
+)
 from llmworker import redis as grizz_redis
 from llmworker.redis import conversation_channel, redis_get
 from llmworker.replies import ReplyPublisher, reply_hub_get
@@ -218,6 +225,33 @@ async def test_it_sends_a_finished_reply_from_the_database_once_its_log_has_expi
         "content": "Mostly berries.",
         "usage": None,
     }
+
+
+async def test_it_waits_for_the_final_frame_of_a_reply_saved_before_that_frame_is_sent(
+    alice, monkeypatch
+):
+    # A worker saves the answer, then sends its final frame. A client that resumes in
+    # between gets that frame, with its id, not the database's copy without one.
+    monkeypatch.setattr(stream, "KEEPALIVE_SECONDS", 0.1)
+    sent = await queued_reply(alice)
+    start = await sync_to_async(reply_start)(reply_id=sent.reply.id, default_model="m")
+    assert start is not None
+    publisher = publisher_of(sent)
+    await publisher.attempt_begin(start.attempt)
+    await publisher.delta("Bears eat berries.")
+    await sync_to_async(reply_complete)(
+        reply_id=sent.reply.id, attempt=start.attempt, content="Bears eat berries.", usage=None
+    )
+
+    events = await opened(stream_path(sent.reply.job_id, "after=1"), bearer(alice))
+    waiting = await events.events(1)
+    last = await done(publisher, sent, "Bears eat berries.")
+    got = frames_of(await events.events_to_end())
+
+    assert [e.comment for e in waiting] == ["keep-alive"]  # following the reply live
+    assert [(e.id, e.event, e.data["content"]) for e in got] == [
+        (last, "done", "Bears eat berries.")
+    ]
 
 
 async def test_it_sends_a_failed_reply_as_its_error_from_the_database(alice):

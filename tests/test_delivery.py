@@ -15,8 +15,9 @@ from django.conf import settings
 from django.contrib.auth.models import User
 
 from chat.models import Message
-from chat.services import conversation_create
+from chat.services import conversation_create, message_send, reply_complete, reply_start
 from llmworker.redis import WORKER_GROUP, StreamEntries, jobs_stream_key, redis_get, reply_log_key
+from llmworker.replies import ReplyPublisher
 from tests.support.dead_letters import dead_letters_once_written
 from tests.support.fake_openai import Behaviour
 from tests.support.orphans import sent_by_a_web_process_that_died
@@ -28,6 +29,7 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 
 TOKENS = [f" tok{i}" for i in range(30)]
 ANSWER = "".join(TOKENS)
+FAKE_ANSWER = "Hello from the fake model."  # the fake model's answer unless told otherwise
 
 
 @pytest.fixture
@@ -475,6 +477,49 @@ async def test_a_worker_woken_after_its_lease_cannot_acknowledge_the_job(
     await socket.close()
 
 
+async def test_a_worker_killed_after_saving_the_answer_leaves_no_socket_waiting(
+    alice, fake_llm, short_lease, start_worker
+):
+    short_lease["GRIZZ_FAULTS"] = "before_final_frame"
+    crashing = await asyncio.to_thread(start_worker, "crashing")
+    socket = await chat_opened(alice)
+    queued = await message_queued(socket)
+    assert await asyncio.to_thread(crashing.wait) == 137
+
+    short_lease["GRIZZ_FAULTS"] = ""
+    await asyncio.to_thread(start_worker, "survivor")
+    done = (await socket.receive_until("done", timeout=30))[-1]
+
+    assert done["content"] == answer_of(socket.frames, queued["job_id"]) == FAKE_ANSWER
+    assert done["seq"] == max(f.get("seq", 0) for f in socket.frames)
+    assert len(fake_llm.requests) == 1
+    await socket.close()
+
+
+async def test_a_worker_woken_after_saving_the_answer_sends_no_second_final_frame(
+    alice, fake_llm, short_lease, start_worker
+):
+    faults = "before_final_frame:stop"
+    _next_worker_stalls(short_lease, faults=faults)
+    stalled = await asyncio.to_thread(start_worker, "stalled")
+    socket = await chat_opened(alice)
+    queued = await message_queued(socket)
+    await asyncio.to_thread(stalled.wait_for_line, "fault: stopped at before_final_frame")
+    _next_worker_takes_over(short_lease)
+    await asyncio.to_thread(start_worker, "fresh")
+    done = (await socket.receive_until("done", timeout=30))[-1]
+
+    stalled.send_signal(signal.SIGCONT)
+    await asyncio.to_thread(stalled.wait_for_line, "attempt 1 was superseded")
+    later = await _sentinel_reply(socket)
+    log = cast(StreamEntries, await redis_get().xrange(reply_log_key(queued["job_id"])))
+
+    assert done["content"] == answer_of(socket.frames, queued["job_id"]) == FAKE_ANSWER
+    assert queued["job_id"] not in {f.get("job_id") for f in later}, "a second final frame"
+    assert [json.loads(fields["f"])["type"] for _, fields in log].count("done") == 1
+    await socket.close()
+
+
 async def test_a_crash_between_commit_and_ack_calls_no_provider_again(
     alice, fake_llm, short_lease, start_worker
 ):
@@ -798,6 +843,37 @@ async def test_resuming_a_failed_reply_returns_its_error(alice, fake_llm, worker
 
     assert from_log == error
     assert from_database == {k: v for k, v in error.items() if k != "seq"}
+
+
+async def test_resuming_a_reply_saved_before_its_final_frame_is_sent_gets_that_frame(alice):
+    # The test plays a worker between saving the answer and sending its final frame.
+    conversation = await sync_to_async(conversation_create)(owner=alice)
+    sent = await sync_to_async(message_send)(conversation=conversation, content="Hi")
+    start = await sync_to_async(reply_start)(reply_id=sent.reply.id, default_model="m")
+    assert start is not None
+    job_id = str(sent.reply.job_id)
+    publisher = ReplyPublisher(
+        job_id=job_id, conversation_id=str(conversation.id), client=redis_get()
+    )
+    await publisher.attempt_begin(start.attempt)
+    await publisher.delta("Bears eat ")
+    await publisher.delta("berries.")
+    await sync_to_async(reply_complete)(
+        reply_id=sent.reply.id, attempt=start.attempt, content="Bears eat berries.", usage=None
+    )
+    socket = await chat_opened(alice, conversation.id)
+
+    await socket.send({"type": "resume", "job_id": job_id, "after": 1})
+    replayed = await socket.receive()
+    await publisher.done(
+        reply_id=str(sent.reply.id), status="complete", content="Bears eat berries.", usage=None
+    )
+    final = await socket.receive()
+
+    assert (replayed["seq"], replayed["content"]) == (2, "berries.")
+    assert (final["type"], final.get("seq"), final["content"]) == ("done", 3, "Bears eat berries.")
+    assert await socket.nothing_received(), "the final frame came twice"
+    await socket.close()
 
 
 async def test_resuming_after_the_replay_log_expired_returns_the_answer(alice, fake_llm, worker):
