@@ -14,8 +14,9 @@ was refused instead of seeing the connection drop (1006, no reason), and one to 
   reason naming WS_MAX_FRAME_BYTES (autobahn's failByDrop off, so it sends a close frame).
 
 And its access log goes through logging, in the format of every other line (LOG_FORMAT),
-instead of straight to stdout; and a frame goes to the socket when it is sent
-(`FrameLimitedWebSocketProtocol.sendData`).
+instead of straight to stdout; a frame goes to the socket when it is sent
+(`FrameLimitedWebSocketProtocol.sendData`); and the transport limit applies only to what
+clients send (`FrameLimitedWebSocketProtocol.sendMessage`).
 """
 
 import logging
@@ -87,6 +88,25 @@ class FrameLimitedWebSocketProtocol(WebSocketProtocol):
         if sync or chopsize or self.send_queue:
             return super().sendData(data, sync, chopsize)  # type: ignore[no-any-return]
         transport_write_now(self.transport, data)
+
+    def sendMessage(
+        self,
+        payload: bytes,
+        isBinary: bool = False,
+        fragmentSize: int | None = None,
+        sync: bool = False,
+        doNotCompress: bool = False,
+    ) -> None:
+        """A message to the client, whatever its size. autobahn holds what the server sends
+        to the limit on what a client may send (maxMessagePayloadSize, the transport limit)
+        and refuses longer ones: the `done` frame of a reply over ~1 MiB would never reach
+        the client. The server's own frames are bounded by the replies it makes."""
+        limit: int = self.maxMessagePayloadSize  # type: ignore[has-type]
+        self.maxMessagePayloadSize = 0
+        try:
+            super().sendMessage(payload, isBinary, fragmentSize, sync, doNotCompress)
+        finally:
+            self.maxMessagePayloadSize = limit
 
     def _max_message_size_exceeded(self, msg_size: int, max_msg_size: int, reason: str) -> None:
         # autobahn's hook for a message over maxMessagePayloadSize; its default reason

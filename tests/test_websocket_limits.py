@@ -14,6 +14,7 @@ import websockets
 from websockets.frames import Close
 
 from chat.models import Message
+from tests.support.fake_openai import Behaviour
 from tests.support.sockets import daphne_socket_ready
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
@@ -95,3 +96,24 @@ async def test_a_frame_over_the_transport_limit_closes_with_1009_and_a_reason(al
     assert pong == pong_after == {"type": "pong"}  # the process served another socket
     assert await Message.objects.acount() == 0
     await bystander.close()
+
+
+async def test_a_reply_longer_than_the_transport_limit_reaches_the_client(
+    alice, web, fake_llm, worker
+):
+    # The limit is on what clients send: a reply's done frame holds the whole answer.
+    chunk = "Bears eat berries. " * 3449  # 65,531 bytes
+    fake_llm.default = Behaviour(tokens=[chunk] * 17)
+    ws = await daphne_socket_ready(web, alice, max_size=None)
+    await ws.send(json.dumps({"type": "message", "content": "Tell me everything."}))
+
+    frames: list[dict[str, Any]] = []
+    while not frames or frames[-1]["type"] not in ("done", "error"):
+        frames.append(json.loads(await asyncio.wait_for(ws.recv(), 30)))
+    pong = await _pong(ws)
+
+    done = frames[-1]
+    assert (done["type"], done["status"]) == ("done", "complete")
+    assert len(done["content"]) > MIB and done["content"] == chunk * 17
+    assert pong == {"type": "pong"}
+    await ws.close()

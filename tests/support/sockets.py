@@ -128,10 +128,13 @@ def answer_of(frames: list[dict[str, Any]], job_id: str) -> str:
     return "".join(text)
 
 
-async def daphne_socket_ready(web: ServiceProcess, user: User) -> websockets.ClientConnection:
-    """A real client's socket of `user` on a new conversation, through daphne, past its hello."""
+async def daphne_socket_ready(
+    web: ServiceProcess, user: User, *, max_size: int | None = 2**20
+) -> websockets.ClientConnection:
+    """A real client's socket of `user` on a new conversation, through daphne, past its hello
+    (`max_size`: the longest message the client takes, None for any)."""
     conversation = await sync_to_async(conversation_create)(owner=user)
     url = f"ws://127.0.0.1:{web.port}/ws/chat/{conversation.id}/?token={token_for(user)}"
-    ws = await websockets.connect(url)
+    ws = await websockets.connect(url, max_size=max_size)
     assert json.loads(await ws.recv())["type"] == "hello"
     return ws
