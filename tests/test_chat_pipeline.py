@@ -18,7 +18,7 @@ from chat.services import conversation_create
 from llmworker import replies
 from llmworker.redis import StreamsRead, redis_get, reply_log_key
 from llmworker.replies import reply_hub_get
-from tests.support.fake_openai import Behaviour
+from tests.support.fake_openai import Behaviour, FakeOpenAI
 from tests.support.sockets import ChatSocket, answer_of, chat_opened, message_queued, token_for
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
@@ -154,12 +154,12 @@ async def test_it_reports_a_provider_refusal_as_llm_error(alice, fake_llm, worke
 
 
 async def _sent_from_a_slow_socket(
-    user, daphne
+    user, daphne, *, held_model: FakeOpenAI | None = None
 ) -> tuple[ChatSocket, dict[str, Any], list[dict[str, Any]]]:
     """A message sent over a real socket that then reads nothing until another socket of
     the conversation has seen the whole reply: every frame must wait for it in the server's
     buffers, none may be dropped. The watching socket, the `queued` frame, the slow
-    socket's frames."""
+    socket's frames. A `held_model` is released once the watcher has the first delta."""
     conversation = await _conversation(user)
     url = f"ws://127.0.0.1:{daphne.port}/ws/chat/{conversation.id}/?token={token_for(user)}"
     watcher = await ChatSocket.open(conversation.id, user=user)
@@ -168,6 +168,9 @@ async def _sent_from_a_slow_socket(
         await slow.recv()  # hello
         await slow.send(json.dumps({"type": "message", "content": "Count"}))
         queued = json.loads(await slow.recv())
+        if held_model is not None:
+            await watcher.receive_until("delta")
+            held_model.release()
         await watcher.receive_until("done")
         return watcher, queued, await _ws_frames_until_done(slow)
 
@@ -191,9 +194,12 @@ async def test_a_coalescing_window_merges_deltas_without_reordering_or_dropping_
     service_env["LLM_FRAME_BATCH_MS"] = "30"
     await asyncio.to_thread(start_worker, "coalescing")
     tokens = [f" t{i}" for i in range(2000)]
-    fake_llm.default = Behaviour(tokens=tokens, ttft=0.05, interval=0.002)
+    # The first token, then nothing until the watcher has it: held back, it never would.
+    fake_llm.default = Behaviour(tokens=tokens, hold_after=1, interval=0.002)
 
-    watcher, queued, slow_frames = await _sent_from_a_slow_socket(alice, daphne)
+    watcher, queued, slow_frames = await _sent_from_a_slow_socket(
+        alice, daphne, held_model=fake_llm
+    )
 
     for frames in (watcher.frames, slow_frames):
         reply = [f for f in frames if f.get("job_id") == queued["job_id"] and "seq" in f]
