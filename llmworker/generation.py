@@ -30,7 +30,7 @@ from llmworker.faults import fault_point
 from llmworker.jobs import Job
 from llmworker.providers import Chunk, Provider, ProviderError, model_default
 from llmworker.redis import entry_age_seconds
-from llmworker.replies import ReplyPublisher, StaleAttempt
+from llmworker.replies import AttemptStart, ReplyPublisher, StaleAttempt
 
 logger = logging.getLogger(__name__)
 
@@ -210,9 +210,9 @@ class ReplyGeneration:
             logger.warning("job %s: sent the final frame its attempt did not", self.job.job_id)
 
     async def _attempt(self, start: ReplyStart) -> Result:
-        begun = await self.publisher.attempt_begin(start.attempt)
-        if begun.cancelled:
-            return await self._finish_cancelled(start)
+        # Begun while the provider request goes out: the publisher holds the attempt's
+        # frames until its fence is up (docs/performance.md).
+        self.publisher.attempt_begin(start.attempt).add_done_callback(self._attempt_begun)
         try:
             await self._generate_until_cancelled(start)
         except CancelledByUser:
@@ -243,6 +243,12 @@ class ReplyGeneration:
             extra=fields,
         )  # fmt: skip
         return Result(Outcome.ACK)
+
+    def _attempt_begun(self, begin: "asyncio.Task[AttemptStart]") -> None:
+        # A cancel that came before the attempt began (while the job was queued, say) stops
+        # it as a later one would: the provider stream is closed, the partial answer kept.
+        if not begin.cancelled() and begin.exception() is None and begin.result().cancelled:
+            self.cancel()
 
     def _complete_count(self) -> None:
         self.metrics.reply("complete")

@@ -339,10 +339,25 @@ class ReplyPublisher:
         self.outgoing: list[_Frame] = []
         self.in_flight: list[_Frame] = []
         self.failure: BaseException | None = None  # of a delta nobody awaited
+        # From attempt_begin until the attempt's fence is up, frames wait (`holding`); if
+        # it failed to go up, `begin_failure` says why, and nothing is ever sent.
+        self.holding = False
+        self.begin_failure: BaseException | None = None
         self.sent_any = False  # the first frame is never held back by the round spacing
         self.last_sent_at = -math.inf  # when its last frames went, by the emitter's clock
 
-    async def attempt_begin(self, attempt: int) -> AttemptStart:
+    def attempt_begin(self, attempt: int) -> "asyncio.Task[AttemptStart]":
+        """Make `attempt` the reply's current one, in the background: the worker sends the
+        provider request meanwhile (one round trip less before the first token). Frames
+        queued until then wait, and go only once the attempt's fence is up; if it never is
+        (StaleAttempt: a newer attempt has begun; Redis failing), none of them ever goes.
+        The task tells whether the reply was cancelled before the attempt began."""
+        self.holding = True
+        begin = asyncio.ensure_future(self._attempt_begin(attempt))
+        begin.add_done_callback(self._attempt_begun)
+        return begin
+
+    async def _attempt_begin(self, attempt: int) -> AttemptStart:
         cancelled, last_seq = await script_get(self.redis, ATTEMPT_BEGIN_SCRIPT)(
             keys=[self.attempt_key, reply_cancel_key(self.job_id), self.log_key],
             args=[attempt, RUNNING_LOG_TTL_SECONDS],
@@ -352,8 +367,18 @@ class ReplyPublisher:
         self.attempt = attempt
         self.next_seq = int(last_seq) + 1
         if last_seq and not cancelled:
-            await self.restart()
+            # Before anything this attempt queued meanwhile: the earlier text starts over.
+            self.outgoing.insert(0, _Frame("restart", {}))
         return AttemptStart(cancelled=bool(cancelled))
+
+    def _attempt_begun(self, begin: "asyncio.Task[AttemptStart]") -> None:
+        failure = asyncio.CancelledError() if begin.cancelled() else begin.exception()
+        if failure is not None:
+            self.begin_failure = failure  # and the frames stay held, for good
+            return self.frames_failed([], failure)
+        self.holding = False
+        if self.outgoing:
+            self.emitter.publisher_ready(self)
 
     # Queueing frames
 
@@ -364,7 +389,8 @@ class ReplyPublisher:
             last.texts.append(text)
         else:
             self.outgoing.append(_Frame("delta", {}, texts=[text]))
-        self.emitter.publisher_ready(self)
+        if not self.holding:
+            self.emitter.publisher_ready(self)
 
     async def deltas_flush(self) -> None:
         """Wait until every delta pushed so far is in Redis."""
@@ -374,14 +400,19 @@ class ReplyPublisher:
         self._failure_raise()
 
     def _failure_raise(self) -> None:
+        if self.begin_failure is not None:
+            raise self.begin_failure
         failure, self.failure = self.failure, None
         if failure is not None:
             raise failure
 
     async def _emit(self, kind: str, *, ttl: int | None = None, **body: Any) -> int:
+        if self.begin_failure is not None:
+            raise self.begin_failure
         frame = _Frame(kind, body, ttl=ttl)
         self.outgoing.append(frame)
-        self.emitter.publisher_ready(self)
+        if not self.holding:
+            self.emitter.publisher_ready(self)
         return await frame.waited()
 
     # The emitter's side

@@ -16,7 +16,14 @@ from django.contrib.auth.models import User
 
 from chat.models import Message
 from chat.services import conversation_create, message_send, reply_complete, reply_start
-from llmworker.redis import WORKER_GROUP, StreamEntries, jobs_stream_key, redis_get, reply_log_key
+from llmworker.redis import (
+    WORKER_GROUP,
+    StreamEntries,
+    jobs_stream_key,
+    redis_get,
+    reply_cancel_key,
+    reply_log_key,
+)
 from llmworker.replies import ReplyPublisher
 from tests.support.dead_letters import dead_letters_once_written
 from tests.support.fake_openai import Behaviour
@@ -343,6 +350,29 @@ async def test_cancelling_a_queued_reply_never_calls_the_provider(
     assert fake_llm.requests == []
     [reply] = await _replies_for(queued["job_id"])
     assert reply.status == "cancelled"
+    await socket.close()
+
+
+async def test_a_cancel_found_as_the_attempt_begins_stops_the_reply(
+    alice, fake_llm, service_env, start_worker
+):
+    # The cancel was asked while no worker listened for it: the attempt finds its key.
+    fake_llm.default = Behaviour(tokens=TOKENS, interval=0.1)
+    socket = await chat_opened(alice)
+    queued = await message_queued(socket)
+    await redis_get().set(reply_cancel_key(queued["job_id"]), "1")
+    await asyncio.to_thread(start_worker, "late")
+    done = (await socket.receive_until("done"))[-1]
+
+    assert (done["status"], done["content"]) == ("cancelled", "")
+    assert [f["type"] for f in socket.frames if f.get("job_id") == queued["job_id"]] == [
+        "queued",
+        "done",
+    ]
+    if fake_llm.requests:  # the request may go out while the attempt begins: it is closed
+        await asyncio.to_thread(fake_llm.wait_for_disconnect, 10)
+    [reply] = await _replies_for(queued["job_id"])
+    assert (reply.status, reply.content) == ("cancelled", "")
     await socket.close()
 
 

@@ -80,6 +80,41 @@ async def test_a_new_attempt_restarts_after_the_earlier_frames():
         await first.delta("late")  # the superseded attempt writes nothing
 
 
+async def test_frames_queued_while_the_attempt_begins_wait_for_its_fence_behind_the_restart():
+    job_id = str(uuid.uuid4())
+    first = _publisher(job_id)
+    await first.attempt_begin(1)
+    await first.delta("a")
+
+    second = _publisher(job_id)
+    begin = second.attempt_begin(2)
+    second.delta_push("b")  # the provider's first token, before the attempt script answered
+    await begin
+    await second.deltas_flush()
+
+    frames = [(seq, frame["type"], frame.get("content")) for seq, frame in await _logged(job_id)]
+    assert frames == [(1, "delta", "a"), (2, "restart", None), (3, "delta", "b")]
+
+
+async def test_a_stale_attempt_sends_nothing_it_queued_while_it_began():
+    job_id = str(uuid.uuid4())
+    current = _publisher(job_id)
+    await current.attempt_begin(2)
+    await current.delta("a")
+
+    stale = _publisher(job_id)
+    begin = stale.attempt_begin(1)
+    stale.delta_push("late")
+    with pytest.raises(StaleAttempt):
+        await begin
+    with pytest.raises(StaleAttempt):
+        await stale.deltas_flush()
+    with pytest.raises(StaleAttempt):
+        await asyncio.wait_for(stale.error(code="llm_error", message="late"), 10)
+
+    assert [(seq, frame["content"]) for seq, frame in await _logged(job_id)] == [(1, "a")]
+
+
 async def test_a_replay_starts_after_the_given_seq():
     job_id = str(uuid.uuid4())
     publisher = _publisher(job_id)
