@@ -113,9 +113,14 @@ class ReplyRelay(AsyncJsonWebsocketConsumer):
             # Frames this socket never got (it joined mid-reply, or pub/sub dropped some):
             # the replay log has them, in order.
             seen = await self._replay(job_id, after=seen)
-        if seq > seen:
+        if seq > seen and not self._ended_already(job_id, frame):
             await self.send(text_data=raw)
             self._mark_seen(job_id, seq, frame)
+
+    def _ended_already(self, job_id: str, frame: dict[str, Any]) -> bool:
+        """A final frame of a reply whose end the socket has: from PostgreSQL, which has no
+        seq to tell it by (a resume between its writer's commit and its final frame)."""
+        return job_id in self.finished_jobs and frame_ends_reply(frame)
 
     async def _relay_announcement(self, frame: dict[str, Any]) -> None:
         # The frame is shared by every socket of the process: read it, never change it.
@@ -134,11 +139,17 @@ class ReplyRelay(AsyncJsonWebsocketConsumer):
         self.seen_seq[job_id] = seq
         if frame_ends_reply(frame):
             self._mark_finished(job_id)
+        elif job_id in self.finished_jobs:
+            self._mark_unfinished(job_id)  # an operator's retry of a reply that had failed
 
     def _mark_finished(self, job_id: str) -> None:
         if not isinstance(self.finished_jobs, set):
             self.finished_jobs = set()
         self.finished_jobs.add(job_id)
+
+    def _mark_unfinished(self, job_id: str) -> None:
+        assert isinstance(self.finished_jobs, set)  # it holds job_id
+        self.finished_jobs.discard(job_id)
 
     async def _resume(self, reply: Message, after: int) -> None:
         job_id = str(reply.job_id)

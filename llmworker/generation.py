@@ -245,8 +245,8 @@ class ReplyGeneration:
         return Result(Outcome.ACK)
 
     def _attempt_begun(self, begin: "asyncio.Task[AttemptStart]") -> None:
-        # A cancel that came before the attempt began (while the job was queued, say) stops
-        # it as a later one would: the provider stream is closed, the partial answer kept.
+        # A cancel asked while no worker heard it (its job between a worker that died and
+        # the one taking it over, say) stops the attempt as a live one would.
         if not begin.cancelled() and begin.exception() is None and begin.result().cancelled:
             self.cancel()
 
