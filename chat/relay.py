@@ -16,8 +16,7 @@ from chat.models import Conversation, Message
 from grizz.database import database_call
 from llmworker.replies import (
     frame_ends_reply,
-    reply_final_frame,
-    reply_final_frame_pending,
+    reply_final_frame_from_database,
     reply_replay,
 )
 
@@ -159,16 +158,12 @@ class ReplyRelay(AsyncJsonWebsocketConsumer):
         if job_id in self.finished_jobs:
             return
         await self._replay(job_id, after=seen)
-        if job_id in self.finished_jobs or reply.status in Message.ACTIVE_STATUSES:
+        if job_id in self.finished_jobs:
             return
-        # Saved, and no final frame replayed: unless it is on its way (a worker saves a
-        # reply before it sends that frame), the database's.
-        if not await reply_final_frame_pending(job_id=job_id):
-            await self._send_finished_from_database(reply)
-
-    async def _send_finished_from_database(self, reply: Message) -> None:
-        self._mark_finished(str(reply.job_id))
-        await self.send_json(reply_final_frame(reply))
+        final = await reply_final_frame_from_database(reply)
+        if final is not None:
+            self._mark_finished(job_id)
+            await self.send_json(final)
 
     async def _catch_up(self) -> None:
         active = await conversation_active_job(conversation_id=self.followed.id)

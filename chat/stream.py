@@ -36,8 +36,7 @@ from chat.turns import REDIS_CALL_TIMEOUT
 from grizz.database import database_call
 from llmworker.replies import (
     frame_ends_reply,
-    reply_final_frame,
-    reply_final_frame_pending,
+    reply_final_frame_from_database,
     reply_hub_get,
     reply_replay,
 )
@@ -207,15 +206,9 @@ class ReplyFollower:
             yield frame
             if frame_ends_reply(frame[0]):
                 return
-        finished = await reply_for_job(job_id=self.job_id, conversation_id=reply.conversation_id)
-        # Saved, and no final frame replayed: unless it is on its way (a worker saves a
-        # reply before it sends that frame), the database's.
-        if (
-            finished is not None
-            and finished.status not in Message.ACTIVE_STATUSES
-            and not await reply_final_frame_pending(job_id=self.job_id)
-        ):
-            final = reply_final_frame(finished)
+        saved = await reply_for_job(job_id=self.job_id, conversation_id=reply.conversation_id)
+        final = None if saved is None else await reply_final_frame_from_database(saved)
+        if final is not None:
             yield final, orjson.dumps(final).decode()
             return
         while True:

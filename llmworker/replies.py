@@ -104,13 +104,13 @@ redis.call('PUBLISH', ARGV[1], frame)
 return seq
 """
 
-# While a reply is running its log must outlive any pause in generation; the publisher
-# renews the expiry this often rather than with every frame.
 # This many frames or more waiting at a round of the emitter: the worker is busy, and for
 # LLM_DELTA_WINDOW_MS a reply's deltas are sent at most that often (FrameEmitter). With
 # rounds LLM_FRAME_BATCH_MS (5) apart, 1,600 frames a second.
 WINDOW_ROUND_FRAMES = 8
 
+# While a reply is running its log must outlive any pause in generation; the publisher
+# renews the expiry this often rather than with every frame.
 RUNNING_LOG_TTL_SECONDS = 3600
 RUNNING_LOG_RENEW_SECONDS = 600
 CANCEL_TTL_SECONDS = 3600
@@ -389,8 +389,7 @@ class ReplyPublisher:
             last.texts.append(text)
         else:
             self.outgoing.append(_Frame("delta", {}, texts=[text]))
-        if not self.holding:
-            self.emitter.publisher_ready(self)
+        self._ready()
 
     async def deltas_flush(self) -> None:
         """Wait until every delta pushed so far is in Redis."""
@@ -411,9 +410,12 @@ class ReplyPublisher:
             raise self.begin_failure
         frame = _Frame(kind, body, ttl=ttl)
         self.outgoing.append(frame)
-        if not self.holding:
-            self.emitter.publisher_ready(self)
+        self._ready()
         return await frame.waited()
+
+    def _ready(self) -> None:
+        if not self.holding:  # else they go once the attempt's fence is up
+            self.emitter.publisher_ready(self)
 
     # The emitter's side
 
@@ -552,13 +554,19 @@ async def conversation_title_announce(*, conversation_id: str, title: str) -> No
     await redis_get().publish(conversation_channel(conversation_id), _json(frame))
 
 
-async def reply_final_frame_pending(*, job_id: str) -> bool:
-    """Whether the reply's log is there without its final frame. For a reply PostgreSQL
-    holds as finished, that frame is on its way: its worker saves a reply before sending
-    it, and the worker that takes a job over from one that died sends it
-    (FINAL_FRAME_ENSURE_SCRIPT). False with no log (it expired): PostgreSQL has the reply."""
+async def reply_final_frame_from_database(reply: Message) -> dict[str, Any] | None:
+    """The final frame of a finished reply from PostgreSQL, for a client that has not had
+    it, when the log cannot bring it: the log has expired, or ended before the seq the
+    client has. None while the reply runs, or while its log is there without its final
+    frame: that is on its way (a worker saves a reply before it sends that frame, and the
+    worker that takes a job over from one that died sends it: FINAL_FRAME_ENSURE_SCRIPT)."""
+    if reply.status in Message.ACTIVE_STATUSES:
+        return None
+    job_id = str(reply.job_id)
     last = cast(StreamEntries, await redis_get().xrevrange(reply_log_key(job_id), count=1))
-    return bool(last) and not frame_ends_reply(orjson.loads(last[0][1]["f"]))
+    if last and not frame_ends_reply(orjson.loads(last[0][1]["f"])):
+        return None
+    return reply_final_frame(reply)
 
 
 async def reply_replay(*, job_id: str, after: int) -> list[tuple[int, str]]:

@@ -42,7 +42,7 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 
 TOKENS = [f" tok{i}" for i in range(30)]
 ANSWER = "".join(TOKENS)
-FAKE_ANSWER = "Hello from the fake model."  # the fake model's answer unless told otherwise
+FAKE_ANSWER = Behaviour().reply  # the fake model's answer unless told otherwise
 
 
 @pytest.fixture
@@ -508,7 +508,7 @@ async def test_a_worker_woken_after_its_lease_cannot_acknowledge_the_job(
     assert await redis_get().xlen(jobs_stream_key()) == 0
     assert "not acknowledged" not in fresh.output
     assert [f["type"] for f in socket.frames].count("done") == 1
-    assert (done["job_id"], done["content"]) == (queued["job_id"], "Hello from the fake model.")
+    assert (done["job_id"], done["content"]) == (queued["job_id"], FAKE_ANSWER)
     assert len(fake_llm.requests) == 1
     await socket.close()
 
@@ -948,4 +948,4 @@ async def test_resuming_after_the_replay_log_expired_returns_the_answer(alice, f
     from_database = await _resumed_from_the_start(conversation.id, alice, queued["job_id"])
 
     assert from_database == {k: v for k, v in done.items() if k != "seq"}
-    assert from_database["content"] == "Hello from the fake model."
+    assert from_database["content"] == FAKE_ANSWER
