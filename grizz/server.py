@@ -26,6 +26,7 @@ import sys
 from typing import Any
 
 from grizz.eventloop import event_loop_policy_install
+from grizz.heap import heap_freeze
 
 # Before daphne.server, which makes the event loop that Twisted's reactor runs on.
 event_loop_policy_install()
@@ -204,6 +205,11 @@ class GrizzCommandLineInterface(CommandLineInterface):
             websocket_max_message_size=settings.WS_TRANSPORT_MAX_BYTES,
             websocket_max_frame_size=settings.WS_TRANSPORT_MAX_BYTES,
         )
+
+    def load_asgi_app(self, asgi_app_path: str) -> Any:
+        application = super().load_asgi_app(asgi_app_path)
+        heap_freeze()  # the application and all it imports are loaded (grizz/heap.py)
+        return application
 
 
 def main(argv: list[str]) -> None:

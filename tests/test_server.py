@@ -1,5 +1,6 @@
 """grizz/server.py's change to autobahn: its per-connection debug lines are formatted only
-when written, and read as before when they are."""
+when written, and read as before when they are; and the heap it freezes once the
+application is loaded (grizz/heap.py)."""
 
 import os
 import subprocess
@@ -93,3 +94,20 @@ WRITES_IN_ORDER = textwrap.dedent(
 def test_frames_written_at_once_never_overtake_bytes_waiting_to_be_sent():
     done = _run_alone(WRITES_IN_ORDER)
     assert (done.returncode, done.stdout.strip()) == (0, "True"), done.stderr
+
+
+def test_the_web_server_freezes_its_heap_once_the_application_is_loaded() -> None:
+    code = textwrap.dedent(
+        """
+        import gc
+        from grizz.server import GrizzCommandLineInterface
+        GrizzCommandLineInterface().load_asgi_app("grizz.asgi:application")
+        print(gc.get_freeze_count(), len(gc.get_objects()))
+        """
+    )
+    result = _run_alone(code)
+    assert result.returncode == 0, result.stderr
+    frozen, collectable = map(int, result.stdout.split())
+    # What a full collection still walks is a small part of what the process holds.
+    assert frozen > 50_000
+    assert collectable < frozen / 20

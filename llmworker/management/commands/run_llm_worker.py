@@ -9,6 +9,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from grizz.eventloop import event_loop_policy_install
+from grizz.heap import heap_freeze
 from grizz.metrics import MetricsServer, PoolMetrics
 from grizz.settings import bounds_parse
 from llmworker.autoscale import Autoscaler, BacklogReader
@@ -175,6 +176,7 @@ class Command(BaseCommand):
 
     async def run(self, name: str, options: dict[str, Any]) -> None:
         worker = Worker(name=name, concurrency=options["concurrency"], grace=options["grace"])
+        heap_freeze()  # after the worker and its provider client are built (grizz/heap.py)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, worker.shutdown.set)
