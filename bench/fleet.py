@@ -29,6 +29,7 @@ from bench.load import ChatClient, direct_clients
 from bench.meter import Meter
 from bench.procstat import process_cpu_s
 from bench.protocol import ReplyShape
+from grizz.eventloop import event_loop_policy_install
 
 START_AHEAD_S = 1.0  # a plan starts this long after it is handed out: every child has it
 
@@ -214,6 +215,7 @@ def _merged(answers: list[tuple[Outcome, list[int]]], start_ns: int, plan: Plan 
 
 
 def _child_main(conn: Connection, model_url: str) -> None:
+    event_loop_policy_install()  # as Grizz's processes: the load generator's CPU is the box's
     asyncio.run(_Child(conn, model_url).serve())
 
 
@@ -286,7 +288,7 @@ class _Child:
             return outcome, meter.lags
         finally:
             if client is not None:
-                await client.close()
+                await client.aclose()
 
     async def _burst(
         self, group: str | None, shape: ReplyShape, count: int, instants: list[int]
@@ -298,7 +300,7 @@ class _Child:
             return outcome, meter.lags
         finally:
             if client is not None:
-                await client.close()
+                await client.aclose()
 
     async def _close(self, group: str) -> None:
         clients = self.groups.pop(group, [])

@@ -14,13 +14,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import httpx2
-import openai
-import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from bench.deployment import Deployment, Seed
+from llmworker.providers import OpenAIProvider, ProviderError
 
 PING = json.dumps({"type": "ping"})
 PING_EVERY_S = 30.0  # static/chat/chat.js
@@ -188,13 +186,16 @@ class SocketPool:
 
 
 class DirectClient:
-    """The baseline: the same request, straight to the model server, read the way Grizz's
-    worker reads it (llmworker/providers.py): the SDK's raw streaming response, its lines,
-    orjson per `data:` line. The SDK's parsed stream (a pydantic object per chunk, ~230 µs)
-    would make the baseline, not Grizz, the limit at a few thousand chunks per second."""
+    """The baseline: the same request, straight to the model server, through Grizz's own
+    provider client (llmworker/providers.py: the openai client's generic `post` on its
+    aiohttp transport, the event stream's bytes split into lines, orjson per event), so the
+    direct path reads each token exactly as the worker does and differs from Grizz only by
+    what Grizz adds. Until 2026-12-07 it read through the SDK's `with_streaming_response`
+    and httpx's `iter_lines` on the default transport: 0.31 ms of CPU per token, which made
+    the load generator, not the machine, the limit of the direct path at 300 conversations."""
 
-    def __init__(self, client: openai.AsyncOpenAI) -> None:
-        self.client = client
+    def __init__(self, provider: OpenAIProvider) -> None:
+        self.provider = provider
 
     async def turn(self, text: str, timeout: float) -> Turn:
         turn = Turn(t_send=time.monotonic_ns())
@@ -202,39 +203,22 @@ class DirectClient:
             await asyncio.wait_for(self._stream(turn, text), timeout)
         except TimeoutError:
             turn.error = f"no end of stream within {timeout:.0f} s"
-        except (openai.OpenAIError, httpx2.HTTPError, orjson.JSONDecodeError) as error:
+        except ProviderError as error:
             turn.error = f"{type(error).__name__}: {error}"
         return turn
 
     async def _stream(self, turn: Turn, text: str) -> None:
-        request = self.client.chat.completions.with_streaming_response.create(
-            model="bench-model",
-            messages=[{"role": "user", "content": text}],
-            stream=True,
-            stream_options={"include_usage": True},
-        )
+        messages = [{"role": "user", "content": text}]
         seq = 0
-        async with request as response:
-            async for line in response.iter_lines():
-                if not line.startswith("data:"):
-                    continue
-                t_recv = time.monotonic_ns()
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                event = orjson.loads(data)
-                text_part = "".join(
-                    (choice.get("delta") or {}).get("content") or ""
-                    for choice in event.get("choices") or ()
-                )
-                if text_part:
-                    seq += 1
-                    turn.deltas.append((t_recv, seq, text_part))
+        async for chunk in self.provider.stream(messages=messages, model="bench-model"):
+            if chunk.text:
+                seq += 1
+                turn.deltas.append((time.monotonic_ns(), seq, chunk.text))
         turn.t_done = time.monotonic_ns()
         turn.content = "".join(part for _, _, part in turn.deltas)
 
 
-def direct_clients(model_url: str, count: int) -> tuple[openai.AsyncOpenAI, list[DirectClient]]:
-    """`count` baseline turners sharing one AsyncOpenAI client, as the worker does."""
-    client = openai.AsyncOpenAI(api_key="bench-key", base_url=model_url, max_retries=0, timeout=120)
-    return client, [DirectClient(client) for _ in range(count)]
+def direct_clients(model_url: str, count: int) -> tuple[OpenAIProvider, list[DirectClient]]:
+    """`count` baseline turners sharing one provider client, as the worker does."""
+    provider = OpenAIProvider(api_key="bench-key", base_url=model_url, timeout=120)
+    return provider, [DirectClient(provider) for _ in range(count)]

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bench.protocol import ReplyShape, token_text
+from grizz.eventloop import event_loop_policy_install
 from tests.support import fake_openai as fake
 
 _STREAM_HEADERS = {
@@ -94,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Block the signals before the server thread starts, so that only sigwait() sees them.
     stop_signals = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    event_loop_policy_install()  # as Grizz's processes: the model's CPU is the box's too
     server = StampedModel(shape, args.host, args.port).start()
     print(f"listening on {server.base_url}", flush=True)
     signal.sigwait(stop_signals)

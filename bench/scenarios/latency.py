@@ -87,7 +87,7 @@ async def _direct_phase(ctx: Context, plan: Plan) -> Phase:
     try:
         return await _phase(ctx, "direct", turners, plan)
     finally:
-        await client.close()
+        await client.aclose()
 
 
 async def _grizz_phase(ctx: Context, plan: Plan) -> Phase:
