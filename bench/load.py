@@ -191,8 +191,9 @@ class DirectClient:
     aiohttp transport, the event stream's bytes split into lines, orjson per event), so the
     direct path reads each token exactly as the worker does and differs from Grizz only by
     what Grizz adds. Until 2026-12-07 it read through the SDK's `with_streaming_response`
-    and httpx's `iter_lines` on the default transport: 0.31 ms of CPU per token, which made
-    the load generator, not the machine, the limit of the direct path at 300 conversations."""
+    and httpx's `iter_lines` on the default transport: 0.34-0.36 ms of CPU per token, which
+    made the load generator, not the machine, the limit of the direct path at 300
+    conversations."""
 
     def __init__(self, provider: OpenAIProvider) -> None:
         self.provider = provider
