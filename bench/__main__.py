@@ -6,6 +6,7 @@ write bench/results/<date>.md and .json, print the table, take everything down a
     python -m bench --only latency       # some scenarios only (repeat or comma-separate)
     python -m bench --env DATABASE_CONN_MAX_AGE=0    # run Grizz with other settings
     python -m bench --profile            # also: where web and worker spend CPU (py-spy)
+    python -m bench --loop-watch         # also: their event loops' lag, stalls, collections
 
 BENCH_POSTGRES_URL names the PostgreSQL server and an existing database to connect to for
 creating and dropping the bench's own (default postgresql://postgres@127.0.0.1:5432/postgres).
@@ -35,6 +36,7 @@ from bench.deployment import (
 )
 from bench.fleet import Fleet
 from bench.load import SocketPool
+from bench.loopwatch import watch_env, watch_result
 from bench.procstat import machine_describe
 from bench.report import Row, ScenarioResult, main_table, today, write
 from bench.scenarios import DEFAULT, SCENARIOS
@@ -69,6 +71,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--profile",
         action="store_true",
         help="profile web and worker with py-spy in a phase of their own (needs py-spy)",
+    )
+    parser.add_argument(
+        "--loop-watch",
+        action="store_true",
+        help="diagnosis: record how late web's and worker's event loops woke, what held them "
+        "and what garbage collection cost them (costs them CPU: bench/loopwatch.py)",
     )
     args = parser.parse_args(argv)
     if args.load_procs < 1:
@@ -114,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra_env=extra_env,
         admin_url=os.environ.get("BENCH_POSTGRES_URL", DEFAULT_POSTGRES_URL),
     )
+    watch_dir = deployment.logs / "loop-watch"
+    if args.loop_watch:
+        deployment.extra_env.update(watch_env(watch_dir))
     results: list[ScenarioResult] = []
     run: dict[str, object] = {
         "date": today(),
@@ -147,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DeploymentError as error:
         print(f"bench: the deployment failed: {error}", file=sys.stderr)
     finally:
+        if args.loop_watch and results:
+            results.append(watch_result(watch_dir))
         deployment.close(keep_logs=failed or args.keep_logs)
         if failed or args.keep_logs:
             print(f"bench: logs kept in {deployment.logs}", file=sys.stderr)
@@ -168,6 +181,7 @@ def _finish(
         ("-quick" if args.quick else "")
         + ("-only-" + "-".join(args.only) if args.only else "")
         + ("-env" if args.env else "")
+        + ("-loop-watch" if args.loop_watch else "")
     )
     path = write(run, results, suffix=suffix)
     print("\n".join(["", *main_table(results), "", f"bench: results in {path} and .json"]))
