@@ -12,6 +12,7 @@ collections of the startup heap were found (grizz/heap.py, docs/performance.md).
 import json
 import os
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,20 @@ def watch_env(directory: Path) -> dict[str, str]:
     return {"PYTHONPATH": path, "BENCH_LOOP_WATCH": str(directory)}
 
 
+@dataclass
+class _Process:
+    """What one process wrote: its 5 s windows, its stalls, its full collections (ms)."""
+
+    name: str
+    windows: list[dict[str, Any]] = field(default_factory=list)
+    stalls: list[dict[str, Any]] = field(default_factory=list)
+    full_collections_ms: list[float] = field(default_factory=list)
+
+
 def watch_result(directory: Path) -> ScenarioResult:
     result = ScenarioResult("Event loops of web and worker (--loop-watch)")
     processes = [_process_read(path) for path in sorted(directory.glob("*.jsonl"))]
-    watched = [p for p in processes if p["windows"]]
+    watched = [p for p in processes if p.windows]
     result.sections.append(_loops_table(watched))
     result.sections.append(_stalls_table(watched))
     result.notes.append(
@@ -44,19 +55,19 @@ def watch_result(directory: Path) -> ScenarioResult:
     return result
 
 
-def _process_read(path: Path) -> dict[str, Any]:
-    process: dict[str, Any] = {"name": path.stem, "windows": [], "stalls": [], "full": []}
+def _process_read(path: Path) -> _Process:
+    process = _Process(name=path.stem)
     for line in path.read_text().splitlines():
         record = json.loads(line)
         kind = record["kind"]
         if kind == "start":
-            process["name"] = _process_name(record["argv"], path.stem)
+            process.name = _process_name(record["argv"], path.stem)
         elif kind == "window":
-            process["windows"].append(record)
+            process.windows.append(record)
         elif kind == "stall":
-            process["stalls"].append(record)
+            process.stalls.append(record)
         elif kind == "gc" and record["generation"] == 2:
-            process["full"].append(record["ms"])
+            process.full_collections_ms.append(record["ms"])
     return process
 
 
@@ -68,22 +79,22 @@ def _process_name(argv: list[str], pid: str) -> str:
     return f"{' '.join(argv[:2])} {pid}"
 
 
-def _loops_table(processes: list[dict[str, Any]]) -> Section:
+def _loops_table(processes: list[_Process]) -> Section:
     rows = []
     for process in processes:
-        windows = process["windows"]
+        windows = process.windows
         worst = max(windows, key=lambda w: w["lag_p99_ms"])
         gc_ms: Counter[str] = Counter()
         for window in windows:
             gc_ms.update({f"gen{g}": ms for g, ms in window["gc_ms"].items()})
-        full = process["full"]
+        full = process.full_collections_ms
         rows.append(
             [
-                process["name"],
+                process.name,
                 str(len(windows)),
                 f"{worst['lag_p50_ms']:.2f} / {worst['lag_p99_ms']:.1f}",
                 f"{max(w['lag_max_ms'] for w in windows):.1f}",
-                str(len(process["stalls"])),
+                str(len(process.stalls)),
                 f"{len(full)}, max {max(full):.1f}" if full else "0",
                 ", ".join(f"{g} {ms:.0f}" for g, ms in sorted(gc_ms.items())),
             ]
@@ -100,15 +111,15 @@ def _loops_table(processes: list[dict[str, Any]]) -> Section:
     return Section("Event-loop lag and garbage collection", headers, rows)
 
 
-def _stalls_table(processes: list[dict[str, Any]]) -> Section:
+def _stalls_table(processes: list[_Process]) -> Section:
     rows = []
     for process in processes:
         sites: Counter[str] = Counter()
         longest: dict[str, float] = {}
-        for stall in process["stalls"]:
+        for stall in process.stalls:
             site = stall["stack"][-1].splitlines()[0] if stall["stack"] else "?"
             sites[site] += 1
             longest[site] = max(longest.get(site, 0.0), stall["ms"])
         for site, count in sites.most_common(TOP_STALL_SITES):
-            rows.append([process["name"], str(count), f"{longest[site]:.0f}", site])
+            rows.append([process.name, str(count), f"{longest[site]:.0f}", site])
     return Section("Stall sites", ["Process", "Stalls", "Longest (ms)", "Innermost frame"], rows)
