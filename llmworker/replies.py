@@ -344,6 +344,7 @@ class ReplyPublisher:
         self.holding = False
         self.begin_failure: BaseException | None = None
         self.sent_any = False  # the first frame is never held back by the round spacing
+        self.delta_frames = 0  # made so far; the first takes no later text
         self.last_sent_at = -math.inf  # when its last frames went, by the emitter's clock
 
     def attempt_begin(self, attempt: int) -> "asyncio.Task[AttemptStart]":
@@ -383,12 +384,16 @@ class ReplyPublisher:
     # Queueing frames
 
     def delta_push(self, text: str) -> None:
+        # A delta still waiting takes the text that comes meanwhile, except the reply's
+        # first: that one shows the first token as it came, even when later ones queue
+        # behind it (the attempt's fence not up yet, a round of the emitter in flight).
         self._failure_raise()
         last = self.outgoing[-1] if self.outgoing else None
-        if last is not None and last.texts is not None:
+        if last is not None and last.texts is not None and self.delta_frames > 1:
             last.texts.append(text)
         else:
             self.outgoing.append(_Frame("delta", {}, texts=[text]))
+            self.delta_frames += 1
         self._ready()
 
     async def deltas_flush(self) -> None:

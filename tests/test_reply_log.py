@@ -96,6 +96,19 @@ async def test_frames_queued_while_the_attempt_begins_wait_for_its_fence_behind_
     assert frames == [(1, "delta", "a"), (2, "restart", None), (3, "delta", "b")]
 
 
+async def test_the_first_delta_goes_alone_when_later_ones_queue_behind_it():
+    job_id = str(uuid.uuid4())
+    publisher = _publisher(job_id)
+    begin = publisher.attempt_begin(1)
+    for token in ("a", "b", "c"):  # the model's first tokens, before the fence is up
+        publisher.delta_push(token)
+    await begin
+    await publisher.deltas_flush()
+
+    frames = [(seq, frame.get("content")) for seq, frame in await _logged(job_id)]
+    assert frames == [(1, "a"), (2, "bc")]
+
+
 async def test_a_stale_attempt_sends_nothing_it_queued_while_it_began():
     job_id = str(uuid.uuid4())
     current = _publisher(job_id)
