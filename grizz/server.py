@@ -174,14 +174,25 @@ def _access_log(daphne_log: AccessLogGenerator | None) -> AccessLogGenerator | N
     return daphne_log
 
 
+def endpoint_backlog_set(description: str) -> str:
+    """A TCP endpoint (daphne's `-b/-p`, or `-e tcp:...` without a backlog) listening with
+    WEB_LISTEN_BACKLOG: a reconnect wave must not overflow Twisted's default of 50."""
+    kind = description.split(":", 1)[0]
+    if kind not in ("tcp", "tcp6") or ":backlog=" in description:
+        return description
+    return f"{description}:backlog={settings.WEB_LISTEN_BACKLOG}"
+
+
 class GrizzServer(Server):
     def __init__(
         self, *args: Any, ready_callable: Any = None, action_logger: Any = None, **kwargs: Any
     ) -> None:
         # daphne calls ready_callable once its factories exist and before the reactor
         # runs, that is before any socket is accepted: the place to adjust the factory.
+        endpoints = [endpoint_backlog_set(e) for e in kwargs.pop("endpoints", None) or []]
         super().__init__(
             *args,
+            endpoints=endpoints,
             ready_callable=self._websockets_configure,
             action_logger=_access_log(action_logger),
             **kwargs,

@@ -326,6 +326,11 @@ WS_MAX_FRAME_BYTES = envint("WS_MAX_FRAME_BYTES", 256 * 1024, minimum=1024)
 WS_TRANSPORT_MAX_BYTES = envint(
     "WS_TRANSPORT_MAX_BYTES", max(4 * WS_MAX_FRAME_BYTES, 1024 * 1024), minimum=WS_MAX_FRAME_BYTES
 )
+# The web server's TCP listen backlog: connections the kernel holds until daphne accepts them.
+# Twisted's default (50) overflows when a web restart makes every browser reconnect at once,
+# and each connection refused then waits a second or more for its SYN to be sent again.
+# The kernel caps it at net.core.somaxconn (4096 on current Linux).
+WEB_LISTEN_BACKLOG = envint("WEB_LISTEN_BACKLOG", 2048, minimum=1)
 # Sockets with no frame from the client for this long, and no reply streaming to them, are
 # closed with 4408. Browsers ping every 30 s.
 WS_IDLE_TIMEOUT_SECONDS = envfloat("WS_IDLE_TIMEOUT_SECONDS", 300.0, minimum=1.0)

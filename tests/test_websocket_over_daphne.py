@@ -4,6 +4,7 @@ client through a real daphne, close codes as they arrive on the wire (docs/webso
 import asyncio
 import json
 import re
+import subprocess
 import time
 import uuid
 from datetime import timedelta
@@ -146,3 +147,19 @@ async def test_it_closes_4503_when_the_database_is_down(alice, service_env, star
     )
 
     assert (by_token, by_cookie) == (4503, 4503)
+
+
+async def test_it_listens_with_a_backlog_that_holds_a_reconnect_wave(start_daphne):
+    # Twisted's default backlog (50) drops the SYNs of a wave of reconnects beyond it, and
+    # each of those browsers waits a second or more to try again. `ss` shows a listening
+    # socket's backlog as its Send-Q.
+    daphne = start_daphne(WEB_LISTEN_BACKLOG="700")
+    listing = await asyncio.to_thread(
+        subprocess.run,
+        ["ss", "-Hltn", f"sport = :{daphne.port}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    state, _queued, backlog, *_ = listing.stdout.split()
+    assert (state, backlog) == ("LISTEN", "700")

@@ -181,8 +181,11 @@ class FakeOpenAI:
             loop.close()
 
     async def _open(self) -> None:
+        # A backlog for a burst: the bench starts hundreds of streams at one instant, and a
+        # connection beyond asyncio's default backlog (100) would wait a second for its SYN
+        # to be sent again, as no real provider makes a client wait.
         self._server = await asyncio.start_server(
-            self._on_connection, self._host, self._requested_port
+            self._on_connection, self._host, self._requested_port, backlog=2048
         )
         self._port = self._server.sockets[0].getsockname()[1]
         self._released = asyncio.Event()
