@@ -267,6 +267,18 @@ class Deployment:
         args = [sys.executable, "-m", "grizz.server", "-b", "127.0.0.1", "-p", str(self.web_port)]
         self._spawn("web", [*args, "grizz.asgi:application"], env)
 
+    def floor_start(self) -> str:
+        """Start the web's server with bench/floor_app.py's bare application (service
+        `floor`) and return the URL of its sockets."""
+        port = free_port()
+        args = [sys.executable, "-m", "grizz.server", "-b", "127.0.0.1", "-p", str(port)]
+        service = self._spawn("floor", [*args, "bench.floor_app:application"], self.env)
+        service.wait_for(r"Listening on TCP address")
+        return f"ws://127.0.0.1:{port}/"
+
+    def floor_stop(self) -> None:
+        self.services.pop("floor").stop()
+
     def _worker_start(self, env: dict[str, str], key: str = "worker", name: str = "") -> Service:
         args = [sys.executable, "manage.py", "run_llm_worker", "--name", name or "bench-worker-1"]
         # No --concurrency: the worker runs as a user gets it (its default, read from the

@@ -9,6 +9,7 @@ from bench.report import ScenarioResult
 from bench.scenarios import (
     capacity,
     cpu,
+    floor,
     idle,
     latency,
     profile,
@@ -28,6 +29,7 @@ SCENARIOS: dict[str, Scenario] = {
     "latency": latency.run,
     "cpu": cpu.run,
     "capacity": capacity.run,
+    "floor": floor.run,
     "recovery": recovery.run,
     "profile": profile.run,
 }

@@ -17,6 +17,7 @@ the fixed-load figures of issue 10 are the `cpu` scenario's.
 """
 
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -48,6 +49,12 @@ class Run:
 
     def cpu_per_1000(self, name: str) -> float:
         return self.usage.cpu_s.get(name, math.nan) / max(self.tokens, 1) * 1000
+
+    @property
+    def machine_per_1000(self) -> float:
+        """The whole machine's busy CPU (every process and the kernel's network work) per
+        1,000 tokens delivered."""
+        return self.usage.machine_busy_s / max(self.tokens, 1) * 1000
 
     @property
     def client_lag_p99(self) -> float:
@@ -99,7 +106,8 @@ async def run(ctx: Context) -> ScenarioResult:
             reach = await _path_run(ctx, check, group=None)
     finally:
         await ctx.fleet.close_group(GROUP)
-    return _result(steps, budget_hit, reach, ctx.profile.capacity_check)
+    target_rate = ctx.profile.capacity_check * ctx.profile.capacity_shape.tokens_per_s
+    return _result(steps, budget_hit, reach, ctx.profile.capacity_check, target_rate)
 
 
 def _candidates(ladder: tuple[int, ...], steps: list[Step]) -> Iterator[int]:
@@ -179,7 +187,9 @@ def _turn_tokens(turn: Turn) -> int:
     return max(words - 1, 0)
 
 
-def _result(steps: list[Step], budget_hit: bool, reach: Run | None, check: int) -> ScenarioResult:
+def _result(
+    steps: list[Step], budget_hit: bool, reach: Run | None, check: int, target_rate: float
+) -> ScenarioResult:
     result = ScenarioResult("Capacity")
     passed = [s for s in steps if s.passed]
     failed = [s for s in steps if not s.passed]
@@ -200,6 +210,7 @@ def _result(steps: list[Step], budget_hit: bool, reach: Run | None, check: int) 
         )
     )
     result.rows += _floor_rows(steps, reach, check)
+    result.rows += _machine_rows(steps, reach, check, target_rate)
     reference = best or (steps[0] if steps else None)
     if reference is not None:
         for name in ("web", "worker", "redis"):
@@ -238,6 +249,35 @@ def _floor_rows(steps: list[Step], reach: Run | None, check: int) -> list[Row]:
             f"≤ {CLIENT_LAG_TARGET_MS:g} ms, no failed turn",
             run.client_lag_p99 <= CLIENT_LAG_TARGET_MS and not a.problems,
         )
+    ]
+
+
+def _machine_rows(
+    steps: list[Step], reach: Run | None, check: int, target_rate: float
+) -> list[Row]:
+    """Whether the machine has the cores for the target load: the whole machine's CPU per
+    token at the largest step (where the fixed costs weigh least), times the target's
+    tokens per second. Above the machine's cores the target cannot pass on this machine
+    at that cost per token, whatever the scheduling; the direct path shows what the model
+    server and the load generator take of them by themselves."""
+    if not steps:
+        return []
+    largest = max(steps, key=lambda s: s.conversations)
+    at_target = [s for s in steps if s.conversations >= check]
+    direct = at_target[0].direct if at_target else reach or largest.direct
+    grizz_cores = largest.grizz.machine_per_1000 * target_rate / 1000
+    direct_cores = direct.machine_per_1000 * target_rate / 1000
+    return [
+        Row(
+            f"Whole machine's CPU seconds per 1,000 tokens at {largest.conversations} "
+            "conversations (every process, the kernel's too): Grizz path (direct path)",
+            f"{largest.grizz.machine_per_1000:.3f} s ({direct.machine_per_1000:.3f} s)",
+        ),
+        Row(
+            f"Cores the target load ({check} conversations, {target_rate:,.0f} tokens/s) needs "
+            "at that cost per token: Grizz path (direct path)",
+            f"{grizz_cores:.2f} ({direct_cores:.2f}) of the machine's {os.cpu_count()}",
+        ),
     ]
 
 
@@ -300,6 +340,7 @@ def _run_data(r: Run) -> dict[str, object]:
         "cpu_s_per_1000_tokens": {
             n: r.cpu_per_1000(n) for n in ("web", "worker", "redis", "model", "load")
         },
+        "machine_cpu_s_per_1000_tokens": r.machine_per_1000,
         "client_loop_lag": r.played.lag.as_dict(),
         "usage": r.usage.as_dict(),
     }
