@@ -62,7 +62,7 @@ class Profile:
 
 FULL = Profile(
     name="full",
-    budget_s=560,
+    budget_s=640,
     teardown_reserve_s=25,
     conversations=5000,
     idle_counts=(1000, 5000),
