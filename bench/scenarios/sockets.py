@@ -33,11 +33,13 @@ async def run(ctx: Context) -> ScenarioResult:
         async with ctx.meter() as meter:
             steady = await ctx.fleet.open("open-rate", ctx.urls(rate_count), parallel=PARALLEL)
         steady_s = (time.monotonic_ns() - started) / 1e9
-        await ctx.fleet.close_group("open-rate")
+        async with ctx.meter() as closing:
+            await ctx.fleet.close_group("open-rate")
         ctx.check_alive()
         _rate_rows(result, steady, rate_count)
-        assert meter.usage is not None
+        assert meter.usage is not None and closing.usage is not None
         _cpu_rows(result, meter.usage, len(steady.times))
+        _close_rows(result, closing.usage, len(steady.times))
         wave = None
         if ctx.budget.remaining() - ctx.profile.idle_leaves_s > wave_count * per_socket * 2:
             await ctx.quiesce("reconnect wave")
@@ -92,6 +94,15 @@ def _cpu_rows(result: ScenarioResult, usage: Usage, opened: int) -> None:
     )
     result.data["steady_usage"] = usage.as_dict()
     result.data["steady_cpu_ms_per_socket"] = {k: round(v, 3) for k, v in per_socket.items()}
+
+
+def _close_rows(result: ScenarioResult, usage: Usage, closed: int) -> None:
+    # The client closes; the web's share is its disconnect path (the consumer's, the
+    # hub's unsubscribe, daphne's).
+    per_socket = usage.cpu_s.get("web", 0.0) * 1000 / closed if closed else 0.0
+    result.rows.append(Row("Web CPU per socket closed by its client", f"{per_socket:.2f} ms"))
+    result.data["close_usage"] = usage.as_dict()
+    result.data["close_web_cpu_ms_per_socket"] = round(per_socket, 3)
 
 
 def _wave_rows(result: ScenarioResult, opened: Opened, count: int, at_ns: int) -> None:
