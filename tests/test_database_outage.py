@@ -1,6 +1,8 @@
 """PostgreSQL out of reach under a web process: messages are refused with `unavailable`,
 the socket stays open, and sending works again once the database is back."""
 
+from typing import Any
+
 import pytest
 from asgiref.sync import sync_to_async
 from django.db import connections
@@ -95,4 +97,29 @@ async def test_it_queues_a_message_on_a_connection_postgresql_ended_right_after_
 
     assert accepted["type"] == "queued"
     assert [m.content async for m in Message.objects.filter(role="user")] == ["Still there?"]
+    await chat.close()
+
+
+async def _cancelled(chat: ChatSocket, content: str) -> dict[str, Any]:
+    # No worker runs here: the reply stays queued, and the web alone answers its cancel.
+    await chat.send({"type": "message", "content": content})
+    queued = await chat.receive()
+    await chat.send({"type": "cancel", "job_id": queued["job_id"]})
+    answer = await chat.receive()
+    return {key: answer.get(key) for key in ("type", "status", "code")}
+
+
+async def test_a_cancel_works_after_postgresql_ended_the_connections(alice, test_backend_pid):
+    conversation = await sync_to_async(conversation_create)(owner=alice)
+    chat = await ChatSocket.open(conversation.id, user=alice)
+    await chat.receive()
+    first = await _cancelled(chat, "One")
+
+    # Off the thread-sensitive thread, whose connection the cancel uses: ended by the
+    # server, not closed by Django there.
+    await sync_to_async(_connections_end, thread_sensitive=False)(sparing=test_backend_pid)
+    second = await _cancelled(chat, "Two")
+
+    done = {"type": "done", "status": "cancelled", "code": None}
+    assert (first, second) == (done, done)
     await chat.close()
