@@ -14,8 +14,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from asgiref.sync import SyncToAsync
 from django.conf import settings
 from django.contrib.auth.models import User
+from django.db import close_old_connections
 from pytest_django.fixtures import Settings
 
 from chat.models import Conversation
@@ -68,6 +70,16 @@ def _test_database_released_at_exit(django_db_setup: None) -> Iterator[None]:
 def _redis_keys_removed_at_exit() -> Iterator[None]:
     yield
     _redis_keys_delete()
+
+
+@pytest.fixture(autouse=True)
+def _thread_sensitive_connection_tidied() -> None:
+    """The tests' own sync_to_async calls run on asgiref's one thread-sensitive thread, whose
+    database connection lives from test to test. Tidied before each test as Django tidies a
+    request's (close_old_connections: a connection an earlier test's PostgreSQL outage broke
+    is replaced, one left fine is checked before its next use), so that one test's outage
+    does not fail the next ones."""
+    SyncToAsync.single_thread_executor.submit(close_old_connections).result()
 
 
 @pytest.fixture(autouse=True)
