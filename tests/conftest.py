@@ -18,6 +18,7 @@ from asgiref.sync import SyncToAsync
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import close_old_connections
+from pytest_django import DjangoDbBlocker
 from pytest_django.fixtures import Settings
 
 from chat.models import Conversation
@@ -73,13 +74,15 @@ def _redis_keys_removed_at_exit() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
-def _thread_sensitive_connection_tidied() -> None:
+def _thread_sensitive_connection_tidied(django_db_blocker: DjangoDbBlocker) -> None:
     """The tests' own sync_to_async calls run on asgiref's one thread-sensitive thread, whose
     database connection lives from test to test. Tidied before each test as Django tidies a
     request's (close_old_connections: a connection an earlier test's PostgreSQL outage broke
     is replaced, one left fine is checked before its next use), so that one test's outage
-    does not fail the next ones."""
-    SyncToAsync.single_thread_executor.submit(close_old_connections).result()
+    does not fail the next ones. In every test: the connection outlives the tests that made
+    it, and the blocker would refuse its check in one without the database."""
+    with django_db_blocker.unblock():
+        SyncToAsync.single_thread_executor.submit(close_old_connections).result()
 
 
 @pytest.fixture(autouse=True)
