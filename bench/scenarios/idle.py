@@ -19,6 +19,10 @@ from bench.report import Row, ScenarioResult, Section
 WARM_SOCKETS = 20
 GROW_CHUNK = 250
 RSS_TARGET_KIB = 30
+# Issue 10's target is per socket at 5,000 idle sockets; a smaller point (1,000) reports its
+# figure without it: the process's fixed growth (the database threads' connections, the
+# allocator's arenas) is spread over fewer sockets there.
+RSS_TARGET_SOCKETS = 5000
 # The idle background (the channel layer's BZPOPMIN, the worker's blocking XREADGROUP, health
 # check PINGs) comes in 5-30 s periods, so one 10 s window can hold one call more or less.
 IDLE_EXCESS_TOLERANCE = 0.5
@@ -111,12 +115,13 @@ def _result(
         added = point.sockets - base.sockets
         per_socket = (point.web_rss_kib - base.web_rss_kib) / max(added, 1)
         excess = point.redis_total_per_s - base.redis_total_per_s
+        targeted = point.sockets >= RSS_TARGET_SOCKETS
         result.rows += [
             Row(
                 f"RSS per idle socket, {point.sockets} sockets",
                 f"{per_socket:.1f} KiB",
-                f"≤ {RSS_TARGET_KIB} KiB",
-                per_socket <= RSS_TARGET_KIB,
+                f"≤ {RSS_TARGET_KIB} KiB" if targeted else "—",
+                per_socket <= RSS_TARGET_KIB if targeted else None,
             ),
             Row(
                 f"Redis commands/s from idle sockets, {point.sockets} sockets",
