@@ -46,7 +46,6 @@ CLOSE_IDLE = 4408
 CLOSE_TRY_AGAIN_LATER = 4503
 SUBPROTOCOL = "grizz"
 
-conversation_open_for_user = database_call(services.conversation_open_for_user)
 reply_for_job = database_call(services.reply_for_job)
 
 
@@ -120,7 +119,7 @@ class ChatConsumer(ReplyRelay):
         try:
             # The user and the conversation in one database call: the token was checked
             # without one.
-            opened = await conversation_open_for_user(
+            opened = await services.conversation_open_for_user_async(
                 user_id=identity.user_id, conversation_id=conversation_id
             )
             if opened is None or not identity.accepts(opened.user):

@@ -34,7 +34,7 @@ from django.utils import timezone
 
 from chat import portable
 from chat.models import Conversation, Message
-from grizz.database import statement_rows
+from grizz.database import database_call, statement_rows, statement_rows_async
 from llmworker.admission import user_release
 from llmworker.providers import demo_mode_active, model_default
 from llmworker.redis import redis_get
@@ -164,15 +164,39 @@ def conversation_open_for_user(
     if not _on_postgresql():
         found = portable.user_with_conversation(user_id=user_id, conversation_id=conversation_id)
         return OpenedConversation(*found, user_priority(user=found[0])) if found else None
-    rows = statement_rows(
-        _CONVERSATION_OPEN_SQL,
-        {
-            "user_id": user_id,
-            "conversation_id": uuid.UUID(str(conversation_id)) if conversation_id else None,
-            "active": list(Message.ACTIVE_STATUSES),
-            "priority_group": settings.CHAT_PRIORITY_GROUP,
-        },
-    )
+    params = _conversation_open_params(user_id=user_id, conversation_id=conversation_id)
+    return _conversation_opened(statement_rows(_CONVERSATION_OPEN_SQL, params))
+
+
+async def conversation_open_for_user_async(
+    *, user_id: int, conversation_id: uuid.UUID | str | None
+) -> OpenedConversation | None:
+    """conversation_open_for_user, its statement awaited on the event loop rather than on a
+    database thread (grizz/database.py LoopConnections): the call of every socket's
+    opening."""
+    if not _on_postgresql():
+        return await _conversation_open_on_a_thread(
+            user_id=user_id, conversation_id=conversation_id
+        )
+    params = _conversation_open_params(user_id=user_id, conversation_id=conversation_id)
+    return _conversation_opened(await statement_rows_async(_CONVERSATION_OPEN_SQL, params))
+
+
+_conversation_open_on_a_thread = database_call(conversation_open_for_user)
+
+
+def _conversation_open_params(
+    *, user_id: int, conversation_id: uuid.UUID | str | None
+) -> dict[str, Any]:
+    return {
+        "user_id": user_id,
+        "conversation_id": uuid.UUID(str(conversation_id)) if conversation_id else None,
+        "active": list(Message.ACTIVE_STATUSES),
+        "priority_group": settings.CHAT_PRIORITY_GROUP,
+    }
+
+
+def _conversation_opened(rows: list[tuple[Any, ...]]) -> OpenedConversation | None:
     if not rows:
         return None
     row = rows[0]

@@ -206,6 +206,9 @@ DATABASES = {
 # Threads, each with its own connection, for the database calls of a web or worker process
 # (grizz/database.py).
 DATABASE_THREADS = envint("DATABASE_THREADS", 8, minimum=1)
+# Connections each event loop of a web or worker process keeps for the hot path's statements
+# it awaits itself, without a thread (grizz/database.py LoopConnections).
+DATABASE_LOOP_CONNECTIONS = envint("DATABASE_LOOP_CONNECTIONS", 4, minimum=1)
 # A connection of those threads used within this many seconds, with nothing from the server
 # waiting on its socket, skips the health check's round trip (grizz/database.py).
 DATABASE_HEALTH_CHECK_IDLE_SECONDS = envint("DATABASE_HEALTH_CHECK_IDLE_SECONDS", 10)

@@ -4,10 +4,17 @@ statement."""
 import uuid
 
 import pytest
+from asgiref.sync import sync_to_async
 from django.contrib.auth.models import Group, User
 
 from chat.models import Conversation
-from chat.services import conversation_create, conversation_open_for_user, message_send
+from chat.services import (
+    OpenedConversation,
+    conversation_create,
+    conversation_open_for_user,
+    conversation_open_for_user_async,
+    message_send,
+)
 from tests.support.transcripts import answered
 
 # Each test on both paths (tests/conftest.py): the statement and the ORM steps.
@@ -75,3 +82,44 @@ def test_it_reads_the_priority_of_the_users_replies(alice, bob, settings):
     }
 
     assert priorities == {"alice": "normal", "bob": "high", "carol": "normal", "root": "high"}
+
+
+def _seen(opened: OpenedConversation | None) -> tuple[object, ...] | None:
+    if opened is None:
+        return None
+    user_fields = ("id", "username", "password", "is_active", "is_staff", "date_joined")
+    conversation = opened.conversation
+    return (
+        tuple(getattr(opened.user, f) for f in user_fields),
+        conversation and (conversation.id, conversation.title, conversation.updated_at),
+        opened.active_job_id,
+        opened.priority,
+    )
+
+
+async def test_it_opens_on_the_event_loop_what_it_opens_on_a_thread(alice, bob):
+    # The socket's call (chat/consumers.py): its statement awaited on the event loop, on a
+    # connection of its own (grizz/database.py LoopConnections).
+    conversation = await sync_to_async(conversation_create)(owner=alice, title="Bears")
+    await sync_to_async(message_send)(conversation=conversation, content="In flight")
+    asked = [
+        (alice.id, conversation.id),
+        (bob.id, conversation.id),
+        (alice.id, uuid.uuid4()),
+        (alice.id, None),
+        (alice.id + 1000, conversation.id),
+    ]
+
+    on_the_loop = [
+        _seen(await conversation_open_for_user_async(user_id=user_id, conversation_id=c_id))
+        for user_id, c_id in asked
+    ]
+    open_on_a_thread = sync_to_async(conversation_open_for_user)
+    on_a_thread = [
+        _seen(await open_on_a_thread(user_id=user_id, conversation_id=c_id))
+        for user_id, c_id in asked
+    ]
+
+    assert on_the_loop == on_a_thread
+    in_flight = [seen and seen[2] is not None for seen in on_the_loop]
+    assert in_flight == [True, False, False, False, None]

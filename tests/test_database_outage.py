@@ -123,3 +123,46 @@ async def test_a_cancel_works_after_postgresql_ended_the_connections(alice, test
     done = {"type": "done", "status": "cancelled", "code": None}
     assert (first, second) == (done, done)
     await chat.close()
+
+
+@pytest.mark.parametrize("idle_bound", [10, 0], ids=["seen by a poll", "checked by a query"])
+async def test_a_socket_opens_on_connections_postgresql_ended(
+    alice, test_backend_pid, settings, idle_bound
+):
+    # The socket's opening statement runs on a connection of the event loop's (grizz/
+    # database.py LoopConnections), which the first socket left open. Used within the bound,
+    # a poll of its socket finds the server's goodbye; idle past it, a `SELECT 1` fails.
+    settings.DATABASE_HEALTH_CHECK_IDLE_SECONDS = idle_bound
+    conversation = await sync_to_async(conversation_create)(owner=alice)
+    first = await ChatSocket.open(conversation.id, user=alice)
+    await first.receive()
+
+    await sync_to_async(_connections_end)(sparing=test_backend_pid)
+    second = await ChatSocket.open(conversation.id, user=alice)
+    hello = await second.receive()
+
+    assert hello["type"] == "hello"
+    await first.close()
+    await second.close()
+
+
+async def test_a_socket_is_refused_while_the_database_is_unreachable_and_opens_after(
+    alice, test_backend_pid
+):
+    conversation = await sync_to_async(conversation_create)(owner=alice)
+    opened = await ChatSocket.open(conversation.id, user=alice)
+    await opened.receive()  # the event loop's connection is open, and then ended
+    real_port = connections["default"].settings_dict["PORT"]
+
+    await _database_unreachable(sparing=test_backend_pid)
+    try:
+        refused = await ChatSocket.open(conversation.id, user=alice)
+        code = await refused.close_code()
+    finally:
+        await _database_back(real_port)
+    again = await ChatSocket.open(conversation.id, user=alice)
+    hello = await again.receive()
+
+    assert (code, hello["type"]) == (4503, "hello")
+    await opened.close()
+    await again.close()
