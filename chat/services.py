@@ -182,9 +182,6 @@ async def conversation_open_for_user_async(
     return _conversation_opened(await statement_rows_async(_CONVERSATION_OPEN_SQL, params))
 
 
-_conversation_open_on_a_thread = database_call(conversation_open_for_user)
-
-
 def _conversation_open_params(
     *, user_id: int, conversation_id: uuid.UUID | str | None
 ) -> dict[str, Any]:
@@ -350,18 +347,8 @@ def message_send(
     A resend (a client_msg_id saved before) returns the first send's rows. Both that and a
     second active reply end in an IntegrityError from a constraint rather than in a query
     beforehand: the message of a turn is one statement (docs/performance.md)."""
-    message = Message(
-        conversation=conversation,
-        role=Message.Role.USER,
-        content=content,
-        status=Message.Status.COMPLETE,
-        client_msg_id=client_msg_id,
-    )
-    reply = Message(
-        conversation=conversation,
-        role=Message.Role.ASSISTANT,
-        status=Message.Status.QUEUED,
-        job_id=job_id or uuid.uuid4(),
+    message, reply = _turn_rows(
+        conversation=conversation, content=content, client_msg_id=client_msg_id, job_id=job_id
     )
     try:
         _messages_insert(conversation=conversation, message=message, reply=reply)
@@ -375,6 +362,61 @@ def message_send(
     return SentMessage(message=message, reply=reply, created=True)
 
 
+async def message_send_async(
+    *,
+    conversation: Conversation,
+    content: str,
+    client_msg_id: str | None = None,
+    job_id: uuid.UUID | str | None = None,
+) -> SentMessage:
+    """message_send, its statement awaited on the event loop rather than on a database
+    thread (grizz/database.py LoopConnections): the web's call of every turn."""
+    if not _on_postgresql():
+        return await _message_send_on_a_thread(
+            conversation=conversation, content=content, client_msg_id=client_msg_id, job_id=job_id
+        )
+    message, reply = _turn_rows(
+        conversation=conversation, content=content, client_msg_id=client_msg_id, job_id=job_id
+    )
+    values = _messages_insert_values(conversation=conversation, message=message, reply=reply)
+    try:
+        rows = await statement_rows_async(_MESSAGES_INSERT_SQL, values)
+    except IntegrityError:
+        if client_msg_id:
+            earlier = await _message_find_sent_on_a_thread(
+                conversation=conversation, client_msg_id=client_msg_id
+            )
+            if earlier is not None:
+                return earlier
+        raise ConversationBusy() from None
+    _messages_inserted(message=message, reply=reply, rows=rows)
+    return SentMessage(message=message, reply=reply, created=True)
+
+
+def _turn_rows(
+    *,
+    conversation: Conversation,
+    content: str,
+    client_msg_id: str | None,
+    job_id: uuid.UUID | str | None,
+) -> tuple[Message, Message]:
+    """A turn's two rows, not saved yet: the user's message and its queued reply."""
+    message = Message(
+        conversation=conversation,
+        role=Message.Role.USER,
+        content=content,
+        status=Message.Status.COMPLETE,
+        client_msg_id=client_msg_id,
+    )
+    reply = Message(
+        conversation=conversation,
+        role=Message.Role.ASSISTANT,
+        status=Message.Status.QUEUED,
+        job_id=job_id or uuid.uuid4(),
+    )
+    return message, reply
+
+
 def _messages_insert(*, conversation: Conversation, message: Message, reply: Message) -> None:
     """Insert a turn's two rows after the conversation's last and touch the conversation, in
     one statement committed on its own. The update takes the conversation's row lock, so a
@@ -382,6 +424,17 @@ def _messages_insert(*, conversation: Conversation, message: Message, reply: Mes
     snapshot) are then taken, and message_unique_position refuses its rows."""
     if not _on_postgresql():
         return portable.messages_insert(conversation=conversation, message=message, reply=reply)
+    values = _messages_insert_values(conversation=conversation, message=message, reply=reply)
+    # Within a caller's transaction, a savepoint keeps a refused insert from aborting it.
+    savepoint = transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext()
+    with savepoint:
+        rows = statement_rows(_MESSAGES_INSERT_SQL, values)
+    _messages_inserted(message=message, reply=reply, rows=rows)
+
+
+def _messages_insert_values(
+    *, conversation: Conversation, message: Message, reply: Message
+) -> list[Any]:
     now = timezone.now()
     values: list[Any] = [now, conversation.id, conversation.id]
     for row in (message, reply):
@@ -390,10 +443,10 @@ def _messages_insert(*, conversation: Conversation, message: Message, reply: Mes
             field.get_db_prep_save(getattr(row, field.attname), connection)
             for field in _INSERTED_FIELDS
         )
-    # Within a caller's transaction, a savepoint keeps a refused insert from aborting it.
-    savepoint = transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext()
-    with savepoint:
-        rows = statement_rows(_MESSAGES_INSERT_SQL, values)
+    return values
+
+
+def _messages_inserted(*, message: Message, reply: Message, rows: list[tuple[Any, ...]]) -> None:
     message.position, reply.position = sorted(position for (position,) in rows)
     for row in (message, reply):
         row._state.adding = False  # saved: a later save() updates it, as after Model.save()
@@ -538,30 +591,61 @@ def reply_start(
     and re-checks a concurrent claim of the same row) and the prompt read with it. It sits
     between the user's message and the model's first token; the ORM's transaction, locking
     SELECT, save and prompt query cost five round trips (docs/performance.md)."""
-    exhausted_error = f"The reply could not be generated after {max_attempts} attempts."
     if not _on_postgresql():
         claim = portable.reply_claim(
             reply_id=reply_id,
             default_model=default_model,
             entry_id=entry_id,
             max_attempts=max_attempts,
-            error=exhausted_error,
+            error=_exhausted_error(max_attempts),
         )
         return ReplyStart(*claim) if claim else None
-    rows = statement_rows(
-        _REPLY_START_SQL,
-        {
-            "reply_id": uuid.UUID(str(reply_id)),
-            "entry_id": entry_id,
-            "default_model": default_model,
-            # The attempt about to begin is one too many when the last was the limit.
-            "attempts_allowed": max_attempts or _NO_LIMIT,
-            "exhausted_error": exhausted_error,
-            "now": timezone.now(),
-            "active": list(Message.ACTIVE_STATUSES),
-            "left_out": list(_STATUSES_LEFT_OUT_OF_PROMPTS),
-        },
+    params = _reply_start_params(
+        reply_id=reply_id, default_model=default_model, entry_id=entry_id, max_attempts=max_attempts
     )
+    return _reply_started(statement_rows(_REPLY_START_SQL, params))
+
+
+async def reply_start_async(
+    *, reply_id: uuid.UUID | str, default_model: str, entry_id: str = "", max_attempts: int = 0
+) -> ReplyStart | None:
+    """reply_start, its statement awaited on the event loop rather than on a database thread
+    (grizz/database.py LoopConnections): the worker's call between every job and its
+    provider request."""
+    if not _on_postgresql():
+        return await _reply_start_on_a_thread(
+            reply_id=reply_id,
+            default_model=default_model,
+            entry_id=entry_id,
+            max_attempts=max_attempts,
+        )
+    params = _reply_start_params(
+        reply_id=reply_id, default_model=default_model, entry_id=entry_id, max_attempts=max_attempts
+    )
+    return _reply_started(await statement_rows_async(_REPLY_START_SQL, params))
+
+
+def _reply_start_params(
+    *, reply_id: uuid.UUID | str, default_model: str, entry_id: str, max_attempts: int
+) -> dict[str, Any]:
+    return {
+        "reply_id": uuid.UUID(str(reply_id)),
+        "entry_id": entry_id,
+        "default_model": default_model,
+        # The attempt about to begin is one too many when the last was the limit.
+        "attempts_allowed": max_attempts or _NO_LIMIT,
+        "exhausted_error": _exhausted_error(max_attempts),
+        "now": timezone.now(),
+        "active": list(Message.ACTIVE_STATUSES),
+        "left_out": list(_STATUSES_LEFT_OUT_OF_PROMPTS),
+    }
+
+
+def _exhausted_error(max_attempts: int) -> str:
+    return f"The reply could not be generated after {max_attempts} attempts."
+
+
+def _reply_started(rows: list[tuple[Any, ...]]) -> ReplyStart | None:
     if not rows:
         return None
     attempt, model, status, system_prompt = rows[0][:4]
@@ -657,6 +741,56 @@ def _reply_finish(
     values = {"reply_id": uuid.UUID(str(reply_id)), "attempt": attempt, "now": now}
     values |= {"status": status, "content": content, "error": error, **tokens}
     return bool(statement_rows(_REPLY_FINISH_SQL, values))
+
+
+async def reply_complete_async(
+    *,
+    reply_id: uuid.UUID | str,
+    attempt: int,
+    content: str,
+    usage: dict[str, int] | None,
+    status: str = Message.Status.COMPLETE,
+) -> bool:
+    """reply_complete, its statement awaited on the event loop rather than on a database
+    thread (grizz/database.py LoopConnections): the worker's call at the end of every
+    reply."""
+    return await _reply_finish_async(
+        reply_id=reply_id, attempt=attempt, status=status, content=content, usage=usage
+    )
+
+
+async def reply_fail_async(
+    *, reply_id: uuid.UUID | str, attempt: int, error: str, content: str = ""
+) -> bool:
+    """reply_fail, awaited on the event loop as reply_complete_async is."""
+    return await _reply_finish_async(
+        reply_id=reply_id,
+        attempt=attempt,
+        status=Message.Status.FAILED,
+        content=content,
+        error=error,
+    )
+
+
+async def _reply_finish_async(
+    *,
+    reply_id: uuid.UUID | str,
+    attempt: int,
+    status: str,
+    content: str,
+    usage: dict[str, int] | None = None,
+    error: str | None = None,
+) -> bool:
+    if not _on_postgresql():
+        return await _reply_finish_on_a_thread(
+            reply_id=reply_id, attempt=attempt, status=status, content=content,
+            usage=usage, error=error,
+        )  # fmt: skip
+    now, usage = timezone.now(), usage or {}
+    tokens = {f"{kind}_tokens": usage.get(f"{kind}_tokens") for kind in _TOKEN_KINDS}
+    values = {"reply_id": uuid.UUID(str(reply_id)), "attempt": attempt, "now": now}
+    values |= {"status": status, "content": content, "error": error, **tokens}
+    return bool(await statement_rows_async(_REPLY_FINISH_SQL, values))
 
 
 _TOKEN_KINDS = ("prompt", "completion", "total")
@@ -794,3 +928,12 @@ def conversation_delete(*, conversation: Conversation) -> None:
     if reply is not None:
         async_to_sync(reply_cancel)(reply=reply)
     conversation.delete()
+
+
+# The async calls' way on other databases than PostgreSQL (the quick start's SQLite): the
+# ORM's steps of chat/portable.py, on a database thread.
+_conversation_open_on_a_thread = database_call(conversation_open_for_user)
+_message_send_on_a_thread = database_call(message_send)
+_message_find_sent_on_a_thread = database_call(message_find_sent)
+_reply_start_on_a_thread = database_call(reply_start)
+_reply_finish_on_a_thread = database_call(_reply_finish)

@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 REDIS_CALL_TIMEOUT = 5.0
 CLIENT_MSG_ID_MAX_CHARS = 64  # Message.client_msg_id's max_length
 
-message_send = database_call(services.message_send)
+message_send = services.message_send_async  # on the event loop (grizz/database.py)
 reply_regenerate = database_call(services.reply_regenerate)
 message_retract = database_call(services.message_retract)
 message_find_sent = database_call(services.message_find_sent)

@@ -27,6 +27,7 @@ import psycopg
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections, connection
+from psycopg.pq import TransactionStatus
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -134,13 +135,17 @@ class LoopConnections:
                         await cursor.execute(
                             sql, params, prepare=settings.DATABASE_PREPARED_STATEMENTS
                         )
-                        rows = await cursor.fetchall()
-                except BaseException:
-                    # Failed, or cancelled mid-statement: the connection's state is unknown.
-                    pg.pgconn.finish()
-                    raise
-                self.idle.append((pg, born, time.monotonic()))
-                return rows
+                        return await cursor.fetchall()
+                finally:
+                    self._give_back(pg, born)
+
+    def _give_back(self, pg: psycopg.AsyncConnection[Any], born: float) -> None:
+        # One the server refused a statement on (a constraint: a resend, a busy
+        # conversation) is as good as before; one cancelled mid-statement, or broken, is not.
+        if pg.info.transaction_status == TransactionStatus.IDLE:
+            self.idle.append((pg, born, time.monotonic()))
+        else:
+            pg.pgconn.finish()
 
     def _slot(self) -> asyncio.Semaphore:
         loop = asyncio.get_running_loop()

@@ -38,9 +38,10 @@ T = TypeVar("T")
 
 UNAVAILABLE_MESSAGE = "The model provider is unavailable; your reply will continue when it is back."
 
-reply_start = database_call(chat_services.reply_start)
-reply_complete = database_call(chat_services.reply_complete)
-reply_fail = database_call(chat_services.reply_fail)
+# Awaited on the event loop, not on a database thread (grizz/database.py LoopConnections).
+reply_start = chat_services.reply_start_async
+reply_complete = chat_services.reply_complete_async
+reply_fail = chat_services.reply_fail_async
 reply_for_job = database_call(chat_services.reply_for_job)
 
 
