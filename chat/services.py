@@ -731,16 +731,28 @@ def _reply_finish(
 ) -> bool:
     """The reply's end, if this attempt still owns it: one written-out statement, as it
     ends every reply (the ORM's update cost the worker about 0.4 ms of CPU to compile)."""
-    now, usage = timezone.now(), usage or {}
-    tokens = {f"{kind}_tokens": usage.get(f"{kind}_tokens") for kind in _TOKEN_KINDS}
+    values = _reply_finish_values(
+        reply_id=reply_id, attempt=attempt, status=status, content=content, usage=usage,
+        error=error,
+    )  # fmt: skip
     if not _on_postgresql():
-        return portable.reply_finish(
-            reply_id=reply_id, attempt=attempt, now=now, status=status, content=content,
-            error=error, **tokens,
-        )  # fmt: skip
-    values = {"reply_id": uuid.UUID(str(reply_id)), "attempt": attempt, "now": now}
-    values |= {"status": status, "content": content, "error": error, **tokens}
+        return portable.reply_finish(**values)
     return bool(statement_rows(_REPLY_FINISH_SQL, values))
+
+
+def _reply_finish_values(
+    *,
+    reply_id: uuid.UUID | str,
+    attempt: int,
+    status: str,
+    content: str,
+    usage: dict[str, int] | None,
+    error: str | None,
+) -> dict[str, Any]:
+    usage = usage or {}
+    tokens = {f"{kind}_tokens": usage.get(f"{kind}_tokens") for kind in _TOKEN_KINDS}
+    values = {"reply_id": uuid.UUID(str(reply_id)), "attempt": attempt, "now": timezone.now()}
+    return values | {"status": status, "content": content, "error": error, **tokens}
 
 
 async def reply_complete_async(
@@ -786,10 +798,10 @@ async def _reply_finish_async(
             reply_id=reply_id, attempt=attempt, status=status, content=content,
             usage=usage, error=error,
         )  # fmt: skip
-    now, usage = timezone.now(), usage or {}
-    tokens = {f"{kind}_tokens": usage.get(f"{kind}_tokens") for kind in _TOKEN_KINDS}
-    values = {"reply_id": uuid.UUID(str(reply_id)), "attempt": attempt, "now": now}
-    values |= {"status": status, "content": content, "error": error, **tokens}
+    values = _reply_finish_values(
+        reply_id=reply_id, attempt=attempt, status=status, content=content, usage=usage,
+        error=error,
+    )  # fmt: skip
     return bool(await statement_rows_async(_REPLY_FINISH_SQL, values))
 
 
