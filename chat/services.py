@@ -14,7 +14,7 @@ from asgiref.sync import async_to_sync, sync_to_async
 from django.conf import settings
 from django.contrib.auth.models import Group, User
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, connection, transaction
+from django.db import DEFAULT_DB_ALIAS, IntegrityError, connection, transaction
 from django.db.models import (
     Aggregate,
     Count,
@@ -34,7 +34,7 @@ from django.utils import timezone
 
 from chat import portable
 from chat.models import Conversation, Message
-from grizz.database import database_call, statement_rows, statement_rows_async
+from grizz.database import database_call, loop_database, statement_rows, statement_rows_async
 from llmworker.admission import user_release
 from llmworker.providers import demo_mode_active, model_default
 from llmworker.redis import redis_get
@@ -43,8 +43,9 @@ from llmworker.replies import ReplyPublisher, reply_cancel_request
 
 def _on_postgresql() -> bool:
     # The turn's statements are written for PostgreSQL; elsewhere (the quick start's SQLite
-    # file) chat/portable.py takes the same steps through the ORM.
-    return connection.vendor == "postgresql"
+    # file) chat/portable.py takes the same steps through the ORM. Asked of the event loop's
+    # wrapper: Django's `connection`, touched in a socket's task, makes one of its own there.
+    return loop_database().vendor == "postgresql"
 
 
 class ConversationBusy(Exception):
@@ -197,12 +198,12 @@ def _conversation_opened(rows: list[tuple[Any, ...]]) -> OpenedConversation | No
     if not rows:
         return None
     row = rows[0]
-    user = User.from_db(connection.alias, _USER_FIELDS, row[: len(_USER_FIELDS)])
+    user = User.from_db(DEFAULT_DB_ALIAS, _USER_FIELDS, row[: len(_USER_FIELDS)])
     *values, job_id, high = row[len(_USER_FIELDS) :]
     priority = "high" if high else "normal"
     if values[0] is None:  # the conversation's id: the outer join found none
         return OpenedConversation(user, None, None, priority)
-    conversation = Conversation.from_db(connection.alias, _CONVERSATION_FIELDS, values)
+    conversation = Conversation.from_db(DEFAULT_DB_ALIAS, _CONVERSATION_FIELDS, values)
     return OpenedConversation(user, conversation, str(job_id) if job_id else None, priority)
 
 
@@ -440,7 +441,7 @@ def _messages_insert_values(
     for row in (message, reply):
         row.created_at = row.updated_at = now
         values.extend(
-            field.get_db_prep_save(getattr(row, field.attname), connection)
+            field.get_db_prep_save(getattr(row, field.attname), loop_database())
             for field in _INSERTED_FIELDS
         )
     return values
@@ -450,7 +451,7 @@ def _messages_inserted(*, message: Message, reply: Message, rows: list[tuple[Any
     message.position, reply.position = sorted(position for (position,) in rows)
     for row in (message, reply):
         row._state.adding = False  # saved: a later save() updates it, as after Model.save()
-        row._state.db = connection.alias
+        row._state.db = DEFAULT_DB_ALIAS
 
 
 # Every column of a message but its position, which the statement computes.

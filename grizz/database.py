@@ -26,7 +26,8 @@ from typing import Any, ParamSpec, TypeVar, cast
 import psycopg
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import close_old_connections, connection
+from django.db import DEFAULT_DB_ALIAS, close_old_connections, connection, connections
+from django.db.backends.base.base import BaseDatabaseWrapper
 from psycopg.pq import TransactionStatus
 
 P = ParamSpec("P")
@@ -104,6 +105,16 @@ def statement_rows(sql: str, params: Sequence[Any] | Mapping[str, Any]) -> list[
 # The hot path's statements awaited on the event loop itself
 
 
+@functools.cache
+def loop_database() -> BaseDatabaseWrapper:
+    """The default database's wrapper for the event loop's statements: their connection
+    parameters, adapters and error classes, and the vendor the statements are written for;
+    never connected itself. Django's `connection` is one per async context: each socket's
+    task that touched it made a wrapper of its own and kept it for the socket's life (1.6
+    KiB of every idle socket, tracemalloc), and each job's task one more."""
+    return connections.create_connection(DEFAULT_DB_ALIAS)
+
+
 class LoopConnections:
     """psycopg's async connections of one process, for the hot path's written-out statements
     awaited on the event loop (statement_rows_async): at most DATABASE_LOOP_CONNECTIONS in
@@ -128,7 +139,7 @@ class LoopConnections:
 
     async def rows(self, sql: str, params: Sequence[Any] | Mapping[str, Any]) -> list[Any]:
         async with self._slot():
-            with connection.wrap_database_errors:
+            with loop_database().wrap_database_errors:
                 pg, born = await self._take()
                 try:
                     async with psycopg.AsyncCursor(pg) as cursor:
@@ -170,14 +181,15 @@ class LoopConnections:
 
 
 async def _loop_connection_open() -> psycopg.AsyncConnection[Any]:
-    params = connection.get_connection_params()
+    database = loop_database()
+    params = database.get_connection_params()
     # Django's cursor class is a synchronous one; ours is named at each statement.
     params.pop("cursor_factory", None)
     pg = await psycopg.AsyncConnection.connect(**params, autocommit=True)
     # As Django's connection does (init_connection_state): the session's time zone is
     # Django's, for any time the server computes.
-    if pg.info.parameter_status("TimeZone") != connection.timezone_name:
-        await pg.execute("SELECT set_config('TimeZone', %s, false)", [connection.timezone_name])
+    if pg.info.parameter_status("TimeZone") != database.timezone_name:
+        await pg.execute("SELECT set_config('TimeZone', %s, false)", [database.timezone_name])
     return pg
 
 
