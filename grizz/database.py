@@ -1,5 +1,6 @@
-"""Database calls from async code (the chat socket, the worker), on a bounded pool of
-threads.
+"""Database calls from async code (the chat socket, the worker): on a bounded pool of
+threads, and the hot path's written-out statements awaited on the event loop itself
+(LoopConnections, below).
 
 asgiref's default (thread_sensitive) runs every synchronous call of a process on one
 thread: 200 replies starting at once each waited for every `reply_start` ahead of it, most
@@ -78,11 +79,17 @@ def _health_check_skip_if_fresh() -> None:
         return
     if time.monotonic() - _last_use.at > settings.DATABASE_HEALTH_CHECK_IDLE_SECONDS:
         return
-    poller = select.poll()  # not select(): a web process's descriptors go far past 1,024
-    poller.register(pg.fileno(), select.POLLIN)
-    if not poller.poll(0):
+    if not _server_words_waiting(pg.fileno()):
         # Django's own flag (BaseDatabaseWrapper), which its stubs do not declare.
         cast(Any, connection).health_check_done = True
+
+
+def _server_words_waiting(fileno: int) -> bool:
+    """Whether an idle connection's socket has something to read: the goodbye (or the end of
+    file) of a server that ended it, seen without a round trip."""
+    poller = select.poll()  # not select(): a web process's descriptors go far past 1,024
+    poller.register(fileno, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def statement_rows(sql: str, params: Sequence[Any] | Mapping[str, Any]) -> list[tuple[Any, ...]]:
@@ -173,12 +180,6 @@ class LoopConnections:
             pg.pgconn.finish()
         return await _loop_connection_open(), time.monotonic()
 
-    def close_all(self) -> None:
-        """End the idle connections (a test's database going away)."""
-        idle, self.idle = self.idle, []
-        for pg, _, _ in idle:
-            pg.pgconn.finish()
-
 
 async def _loop_connection_open() -> psycopg.AsyncConnection[Any]:
     database = loop_database()
@@ -204,11 +205,9 @@ async def _loop_connection_usable(
     now = time.monotonic()
     if pg.closed or (max_age is not None and now - born >= max_age):
         return False
-    if now - used_at <= settings.DATABASE_HEALTH_CHECK_IDLE_SECONDS:
-        poller = select.poll()
-        poller.register(pg.fileno(), select.POLLIN)
-        if not poller.poll(0):
-            return True
+    fresh = now - used_at <= settings.DATABASE_HEALTH_CHECK_IDLE_SECONDS
+    if fresh and not _server_words_waiting(pg.fileno()):
+        return True
     try:
         await pg.execute("SELECT 1")
     except psycopg.Error:

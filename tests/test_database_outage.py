@@ -17,9 +17,10 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 
 
 def _connections_end(*, sparing: int) -> None:
-    # As a restart of PostgreSQL would: the connections the consumer's database threads
-    # hold (grizz/database.py) break, and their next use reconnects. The test's own (the
-    # main thread's, which pytest-django flushes the database with) is spared.
+    # As a restart of PostgreSQL would: the connections the consumer's database threads and
+    # its event loop hold (grizz/database.py) break, and their next use reconnects. The
+    # test's own (the main thread's, which pytest-django flushes the database with) is
+    # spared.
     with connections["default"].cursor() as cursor:
         cursor.execute(
             # With a timeout, it returns once each backend has exited.
