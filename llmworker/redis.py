@@ -9,8 +9,10 @@ import math
 import random
 import time
 import weakref
-from typing import Any, TypeAlias
+from collections.abc import Callable
+from typing import Any, TypeAlias, cast
 
+import hiredis
 import redis
 import redis.asyncio as aioredis
 import redis.retry
@@ -152,14 +154,11 @@ class CommandBatches:
 
 
 def commands_packed(commands: list[Command]) -> bytes:
-    """The commands in RESP, Redis's wire format."""
-    parts: list[bytes] = []
-    for command in commands:
-        parts.append(b"*%d\r\n" % len(command))
-        for arg in command:
-            data = arg.encode() if isinstance(arg, str) else b"%d" % arg
-            parts += (b"$%d\r\n" % len(data), data, b"\r\n")
-    return b"".join(parts)
+    """The commands in RESP, Redis's wire format, packed by hiredis's C packer: a frame's
+    script call packed in Python cost the worker 6.3 µs, in hiredis 2.5 (docs/performance.md)."""
+    # hiredis's stub declares a one-element tuple for what is any number of arguments.
+    pack = cast(Callable[[tuple[str | int, ...]], bytes], hiredis.pack_command)
+    return b"".join([pack(tuple(command)) for command in commands])
 
 
 def key(*parts: str) -> str:
