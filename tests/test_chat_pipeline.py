@@ -63,6 +63,26 @@ async def test_it_streams_a_reply_through_daphne_and_a_worker(alice, fake_llm, d
     assert fake_llm.requests[0]["messages"] == [{"role": "user", "content": "Tell me about foxes"}]
 
 
+async def test_it_streams_text_beyond_ascii_intact(alice, fake_llm, worker):
+    # Every frame's text is counted in bytes on its way through Redis: accents, emoji and
+    # CJK are several bytes a character.
+    tokens = ["Ça", " va", " très", " bien", " 🙂", " 日本語", " ✓"]
+    fake_llm.default = Behaviour(tokens=tokens, interval=0.01)
+    conversation = await _conversation(alice)
+    socket = await ChatSocket.open(conversation.id, user=alice)
+    await socket.receive()
+
+    await socket.send({"type": "message", "content": "Comment ça va ? 👋"})
+    frames = await socket.receive_until("done")
+
+    queued = next(frame for frame in frames if frame["type"] == "queued")
+    assert answer_of(frames, queued["job_id"]) == "".join(tokens)
+    assert frames[-1]["content"] == "".join(tokens)
+    reply = await Message.objects.aget(id=queued["reply_id"])
+    assert reply.content == "".join(tokens)
+    assert fake_llm.requests[0]["messages"][-1]["content"] == "Comment ça va ? 👋"
+
+
 async def test_it_sends_the_earlier_turns_in_the_prompt(alice, fake_llm, worker):
     fake_llm.enqueue(Behaviour(reply="First answer."), Behaviour(reply="Second answer."))
     conversation = await _conversation(alice, system_prompt="Be brief.")
