@@ -670,8 +670,7 @@ def _reply_started(rows: list[tuple[Any, ...]]) -> ReplyStart | None:
 
 _NO_LIMIT = 2**31 - 1  # the largest attempt number the column holds
 
-_STATUSES_LEFT_OUT_OF_PROMPTS = portable.STATUSES_LEFT_OUT_OF_PROMPTS
-_LEFT_OUT = _sql_words(_STATUSES_LEFT_OUT_OF_PROMPTS)
+_LEFT_OUT = _sql_words(portable.STATUSES_LEFT_OUT_OF_PROMPTS)
 
 # The attempt about to begin is one too many: counted from the operator's last retry.
 _EXHAUSTED = "reply.attempt - reply.attempts_before_retry >= %(attempts_allowed)s"
