@@ -449,12 +449,12 @@ def _messages_insert(*, conversation: Conversation, message: Message, reply: Mes
 def _messages_insert_values(
     *, conversation: Conversation, message: Message, reply: Message
 ) -> list[Any]:
-    now = timezone.now()
+    now, database = timezone.now(), loop_database()
     values: list[Any] = [now, conversation.id, conversation.id]
     for row in (message, reply):
         row.created_at = row.updated_at = now
         values.extend(
-            field.get_db_prep_save(getattr(row, field.attname), loop_database())
+            field.get_db_prep_save(getattr(row, field.attname), database)
             for field in _INSERTED_FIELDS
         )
     return values

@@ -733,7 +733,9 @@ class ReplyHub:
             timeout=math.inf, disconnect_on_error=False, push_request=True
         )
         if not isinstance(reply, list):
-            return None  # the health check's answer
+            # The health check's answer while no channel is subscribed; while some are (RESP2,
+            # redis_pubsub_client), it is a ["pong", ...] list, which _dispatch ignores.
+            return None
         if reply[0] != "message":
             await self.pubsub.handle_message(reply)  # type: ignore[no-untyped-call]
         return reply
