@@ -23,6 +23,7 @@ from pathlib import Path
 import psycopg
 import redis
 
+from bench import hops
 from bench.procstat import postgres_cpu_s, process_cpu_s
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -278,6 +279,15 @@ class Deployment:
 
     def floor_stop(self) -> None:
         self.services.pop("floor").stop()
+
+    def hops_worker_start(self) -> None:
+        """Start bench/hops.py's worker (service `hops`) beside the floor's server."""
+        hops.table_create(self.database_url())
+        service = self._spawn("hops", [sys.executable, "-m", "bench.hops"], self.env)
+        service.wait_for(r"bench.hops worker: ready")
+
+    def hops_worker_stop(self) -> None:
+        self.services.pop("hops").stop()
 
     def _worker_start(self, env: dict[str, str], key: str = "worker", name: str = "") -> Service:
         args = [sys.executable, "manage.py", "run_llm_worker", "--name", name or "bench-worker-1"]

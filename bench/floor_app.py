@@ -3,7 +3,8 @@
 nothing of Grizz's. A socket is accepted and sent `hello` at once (no token, no database,
 no Redis); one opened with `?frames=1` is then sent a delta-sized frame 20 times a second
 until it closes, by one ticker for all sockets, every 5 ms a tenth of them, as the reply
-hub relays a round of the worker's frames. The consumer is Grizz's own (its way of
+hub relays a round of the worker's frames. One opened with `?hops=1` answers each message
+by bench/hops.py's way to a first token. The consumer is Grizz's own (its way of
 awaiting the client's events and of sending), with none of its work: what this process
 spends is the floor under the web's CPU per socket opened and per frame relayed."""
 
@@ -19,6 +20,7 @@ import django
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "grizz.settings")
 django.setup()
 
+from bench.hops import WebHops  # noqa: E402
 from chat.consumers import ChatConsumer  # noqa: E402  (its models need the setup)
 
 TICK_S = 0.005
@@ -32,6 +34,7 @@ class FloorConsumer(ChatConsumer):
         await self.accept()
         await self.send(text_data=HELLO)
         self.slice: set[FloorConsumer] | None = None
+        self.hops = b"hops=1" in self.scope.get("query_string", b"")
         if b"frames=1" in self.scope.get("query_string", b""):
             job = json.dumps(str(uuid.uuid4()))
             self.frame_prefix = '{"type": "delta", "job_id": ' + job + ', "seq": '
@@ -47,7 +50,8 @@ class FloorConsumer(ChatConsumer):
     async def receive(
         self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any
     ) -> None:
-        pass  # the load generator's pings
+        if self.hops:  # the others get only the load generator's pings
+            await _hops.turn(self.send)
 
     async def frame_send(self) -> None:
         self.seq += 1
@@ -58,6 +62,7 @@ class FloorConsumer(ChatConsumer):
 
 _slices: list[set[FloorConsumer]] = [set() for _ in range(SLICES)]
 _joined = itertools.count()
+_hops = WebHops()
 _ticker: list[asyncio.Task[None]] = []
 
 

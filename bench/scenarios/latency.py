@@ -15,12 +15,17 @@ One conversation runs in the bench's own process; more run through the load gene
 processes (bench/fleet.py), so the client's own delay stays out of the figures. The burst
 runs there too: each process sends its share of the messages at one CLOCK_MONOTONIC
 instant, and a round ends when every reply is done.
+
+Last, the floor under the added time to first token: the same two shapes (one socket with
+a user's pause between messages; the burst's sockets all at once) on bench/hops.py's way to
+a first token, daphne and Channels with the turn's round trips and none of Grizz's work.
 """
 
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from bench import hops
 from bench.analysis import Analysis, Summary
 from bench.config import SHAPE_BURST, SHAPE_CONCURRENT, SHAPE_SINGLE, Profile
 from bench.context import Context
@@ -40,6 +45,8 @@ GAP_EXCESS_TARGET = 50.0
 BURST_GROUP = "burst"
 ROUND_PAUSE_S = 0.5  # after a round's last reply, before the next instant
 SINGLE_ROTATION = 10  # conversations the single slot rotates over
+HOPS_TURNS_PER_S = 8  # one socket's messages on the hops' way, a user's pause between
+HOPS_SECONDS_GUESS = 25.0  # for the budget: both shapes, starting and stopping
 LATE_CLIENT_MS = 20.0
 
 
@@ -75,6 +82,7 @@ async def run(ctx: Context) -> ScenarioResult:
         ctx.check_alive()
         _level_report(result, level, plan, direct, grizz)
     await _burst(ctx, result)
+    await _hops_floor(ctx, result)
     return result
 
 
@@ -237,6 +245,40 @@ async def _burst(ctx: Context, result: ScenarioResult) -> None:
         "added_ttft_ms": {"p50": added_p50, "p99": added_p99},
         **{phase.label: _phase_data(phase) for phase in (direct, grizz)},
     }
+
+
+async def _hops_floor(ctx: Context, result: ScenarioResult) -> None:
+    """bench/hops.py's way to a first token, one socket at a time and in a burst: the
+    floor that Grizz's added time to first token stands on here."""
+    if ctx.budget.remaining() < HOPS_SECONDS_GUESS:
+        result.notes.append("The first token's hops alone were skipped: time budget")
+        return
+    profile = ctx.profile
+    url = ctx.deployment.floor_start()
+    try:
+        ctx.deployment.hops_worker_start()
+        turns = int(profile.latency_single_window_s * HOPS_TURNS_PER_S)
+        single = Summary.of(await hops.single(url, turns, (0.05, 0.15)))
+        many = Summary.of(
+            await hops.burst(url, profile.burst_sockets, profile.burst_rounds, ROUND_PAUSE_S)
+        )
+    finally:
+        ctx.deployment.hops_worker_stop()
+        ctx.deployment.floor_stop()
+    floor = "The first token's hops alone (daphne and Channels, admission's script, two durable "
+    result.rows += [
+        Row(
+            f"{floor}commits, XADD and read, PUBLISH; no model), 1 conversation, p50 / p99",
+            f"{single.p50:.1f} / {single.p99:.1f} ms ({single.n} turns)",
+        ),
+        Row(
+            f"{floor}commits, XADD and read, PUBLISH; no model), burst of "
+            f"{profile.burst_sockets} sent at once, p50 / p99",
+            f"{many.p50:.1f} / {many.p99:.1f} ms ({profile.burst_rounds} rounds; one client "
+            "process)",
+        ),
+    ]
+    result.data["hops_alone"] = {"single": single.as_dict(), "burst": many.as_dict()}
 
 
 async def _burst_phase(
