@@ -69,6 +69,7 @@ class Service:
         self.log_path = logs / f"{name}.log"
         # Appended to: a service restarted under the same name keeps its earlier output.
         with self.log_path.open("ab") as log:
+            self.log_start = log.tell()  # what wait_for reads: this process's output only
             # A session of its own: Ctrl-C reaches only the bench, which then stops the
             # children in order (worker before Redis) instead of all of them at once.
             self.process = subprocess.Popen(
@@ -89,6 +90,9 @@ class Service:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def _output_since_start(self) -> str:
+        return self.log_path.read_bytes()[self.log_start :].decode(errors="replace")
+
     def tail(self, lines: int = 25) -> str:
         return "\n".join(self.output().splitlines()[-lines:])
 
@@ -96,7 +100,7 @@ class Service:
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
         while True:
-            match = regex.search(self.output())
+            match = regex.search(self._output_since_start())
             if match:
                 return match
             if self.process.poll() is not None or time.monotonic() > deadline:
