@@ -45,6 +45,7 @@ GAP_EXCESS_TARGET = 50.0
 BURST_GROUP = "burst"
 ROUND_PAUSE_S = 0.5  # after a round's last reply, before the next instant
 SINGLE_ROTATION = 10  # conversations the single slot rotates over
+SINGLE_THINK_S = (0.05, 0.15)  # one conversation's user pauses between a reply and the next
 HOPS_TURNS_PER_S = 8  # one socket's messages on the hops' way, a user's pause between
 HOPS_SECONDS_GUESS = 25.0  # for the budget: both shapes, starting and stopping
 LATE_CLIENT_MS = 20.0
@@ -64,7 +65,7 @@ class Phase:
 
 def _plan(profile: Profile, level: int) -> Plan:
     if level == 1:
-        return Plan(SHAPE_SINGLE, 1, profile.latency_single_window_s, 0.5, (0.05, 0.15))
+        return Plan(SHAPE_SINGLE, 1, profile.latency_single_window_s, 0.5, SINGLE_THINK_S)
     stagger = min(3.0, profile.latency_window_s)
     return Plan(SHAPE_CONCURRENT, level, profile.latency_window_s, stagger, (0.0, 0.5))
 
@@ -258,7 +259,7 @@ async def _hops_floor(ctx: Context, result: ScenarioResult) -> None:
     try:
         ctx.deployment.hops_worker_start()
         turns = int(profile.latency_single_window_s * HOPS_TURNS_PER_S)
-        single = Summary.of(await hops.single(url, turns, (0.05, 0.15)))
+        single = Summary.of(await hops.single(url, turns, SINGLE_THINK_S))
         many = Summary.of(
             await hops.burst(url, profile.burst_sockets, profile.burst_rounds, ROUND_PAUSE_S)
         )
