@@ -34,8 +34,9 @@ class FloorConsumer(ChatConsumer):
         await self.accept()
         await self.send(text_data=HELLO)
         self.slice: set[FloorConsumer] | None = None
-        self.hops = b"hops=1" in self.scope.get("query_string", b"")
-        if b"frames=1" in self.scope.get("query_string", b""):
+        query = self.scope.get("query_string", b"")
+        self.hops = b"hops=1" in query
+        if b"frames=1" in query:
             job = json.dumps(str(uuid.uuid4()))
             self.frame_prefix = '{"type": "delta", "job_id": ' + job + ', "seq": '
             self.seq = 0

@@ -48,6 +48,10 @@ SINGLE_ROTATION = 10  # conversations the single slot rotates over
 SINGLE_THINK_S = (0.05, 0.15)  # one conversation's user pauses between a reply and the next
 HOPS_TURNS_PER_S = 8  # one socket's messages on the hops' way, a user's pause between
 HOPS_SECONDS_GUESS = 25.0  # for the budget: both shapes, starting and stopping
+HOPS_FIGURE = (
+    "The first token's hops alone (daphne and Channels, admission's script, two durable "
+    "commits, XADD and read, PUBLISH; no model), {}, p50 / p99"
+)
 LATE_CLIENT_MS = 20.0
 
 
@@ -266,15 +270,13 @@ async def _hops_floor(ctx: Context, result: ScenarioResult) -> None:
     finally:
         ctx.deployment.hops_worker_stop()
         ctx.deployment.floor_stop()
-    floor = "The first token's hops alone (daphne and Channels, admission's script, two durable "
     result.rows += [
         Row(
-            f"{floor}commits, XADD and read, PUBLISH; no model), 1 conversation, p50 / p99",
+            HOPS_FIGURE.format("1 conversation"),
             f"{single.p50:.1f} / {single.p99:.1f} ms ({single.n} turns)",
         ),
         Row(
-            f"{floor}commits, XADD and read, PUBLISH; no model), burst of "
-            f"{profile.burst_sockets} sent at once, p50 / p99",
+            HOPS_FIGURE.format(f"burst of {profile.burst_sockets} sent at once"),
             f"{many.p50:.1f} / {many.p99:.1f} ms ({profile.burst_rounds} rounds; one client "
             "process)",
         ),
